@@ -1,0 +1,152 @@
+"""The `routescope` command line: record a training run, inspect a run file.
+
+User errors (a bad path, a foreign file, an unknown preset) print one line and exit with code 2;
+tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from routescope.store import RunFileError
+
+app = typer.Typer(
+    help="Record, measure and see the routing dynamics of sparse feed-forward layers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    """Print one line saying what is wrong and what to do, then exit with code 2."""
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def record(
+    config: Annotated[str, typer.Option("--config", "-c", help="Preset name (see --list).")] = "shakespeare-tree",
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: the preset's).", min=1)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run file to write.")] = Path("run.h5"),
+    every: Annotated[Optional[int], typer.Option(help="Steps per recorded interval (default: the preset's).", min=1)] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (default: the preset's).")] = None,
+    sample_tokens: Annotated[Optional[int], typer.Option(help="Tokens per interval whose path is kept.", min=0)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    list_presets: Annotated[bool, typer.Option("--list", help="List the presets and exit.")] = False,
+) -> None:
+    """Train a preset on the embedded Shakespeare corpus and record its routing to an HDF5 run file."""
+    from routescope.trainers.presets import PRESETS, get_preset
+
+    if list_presets:
+        table = Table("preset", "steps", "tokens/step", "description", box=None)
+        for name, preset in PRESETS.items():
+            table.add_row(name, str(preset.steps), str(preset.batch_size * preset.model.seq_len), preset.description)
+        console.print(table)
+        return
+    if config not in PRESETS:
+        fail(f"unknown preset {config!r}; choose one of: {', '.join(PRESETS)}")
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        fail(f"--device must be auto, cpu or cuda, got {device!r}")
+    if out.exists() and not overwrite:
+        fail(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
+    if out.parent != Path("") and not out.parent.is_dir():
+        fail(f"cannot write {out}: folder {out.parent} does not exist")
+    cfg = get_preset(config, steps=steps, record_every=every, seed=seed, sample_tokens=sample_tokens)
+
+    from routescope.trainers.train import train
+
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # SIGTERM closes the file as Ctrl-C does
+    console.print(f"[bold]routescope record[/] {config}: {cfg.steps} steps, interval {cfg.record_every} → {out}")
+    try:
+        result = train(cfg, out=out, device=device, overwrite=overwrite)
+    except KeyboardInterrupt:
+        fail(f"interrupted; {out} holds every interval recorded so far (marked 'interrupted')")
+    except ValueError as err:
+        fail(str(err))
+    size = out.stat().st_size
+    console.print(
+        f"val loss {result.initial_val_loss:.3f} → {result.final_val_loss:.3f} in {result.seconds:.0f} s "
+        f"({result.tokens_per_second / 1000:.1f}k tokens/s)"
+    )
+    console.print(f"wrote [bold]{out}[/] ({_human_size(size)})")
+    console.print(f"next: [cyan]routescope info {out}[/]")
+
+
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="Run file (.h5).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Print what a run file holds: steps, layers, trees, depth, state and configuration."""
+    from routescope.store import describe
+
+    try:
+        summary = describe(path)
+    except RunFileError as err:
+        fail(str(err))
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(f"[bold]{summary['path']}[/] ({_human_size(summary['size_bytes'])}, schema {summary['schema_version']}, "
+                  f"{summary['run_state']})")  # fmt: skip
+    steps = (f"{summary['intervals']} intervals, steps {summary['first_step']}–{summary['last_step']}"
+             if summary["intervals"] else "no complete interval yet")  # fmt: skip
+    console.print(f"{steps}; {summary['tokens']:,} tokens; {summary['samples']:,} sampled token traces")
+    table = Table("layer", "name", "family", "variant", "depth", "trees", "units/tree", "activation", "placement", box=None)
+    for i, layer in enumerate(summary["layers"]):
+        table.add_row(str(i), layer["name"], layer.get("family", "?"), layer.get("variant", ""), str(layer.get("depth", "")),
+                      str(layer.get("trees", "")), str(layer.get("units_per_tree", "")), layer.get("activation", ""),
+                      layer.get("placement", ""))  # fmt: skip
+    if summary["layers"]:
+        console.print(table)
+    else:
+        console.print("no routed layers recorded (losses only)")
+    preset = summary["config"].get("preset")
+    if preset:
+        console.print(f"config: {preset.get('description') or ''} steps={preset['steps']} batch={preset['batch_size']} "
+                      f"lr={preset['lr']} seed={preset['seed']} device={summary['config'].get('device')}")  # fmt: skip
+    console.print(f"versions: {', '.join(f'{k}={v}' for k, v in summary['versions'].items())}")
+
+
+@app.callback(invoke_without_command=True)
+def _main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        from routescope import __version__
+
+        print(__version__)
+        raise typer.Exit()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""The run file (HDF5, SWMR, netCDF4-compatible): its schema, its writer and its reader.
+
+This is the only module that touches h5py (DESIGN.md, "The file format"). It knows nothing of torch:
+the recorder hands it numpy arrays. Rows are appended along `step` (groups `tree`, `run`) and along
+`sample` (group `traces`); the coordinate of the growing dimension is written last in each interval,
+so a reader (or a crash) never sees a row whose coordinate exists and whose data does not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+RUN_STATES = ("running", "finished", "interrupted", "failed")
+COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+# Chunking along the growing dimension. A compressed chunk rewritten with more rows changes size and
+# HDF5 cannot reuse the old space, so a file would grow quadratically. Hence: rows of one write that
+# are large enough to compress well get chunks of exactly one write (never rewritten); small rows
+# are stored uncompressed in fixed-size chunks, which HDF5 rewrites in place.
+COMPRESS_MIN_BYTES = 4096
+SMALL_CHUNK_BYTES = 64 * 1024
+READ_CHUNK_BYTES = 64 * 1024 * 1024  # dask chunks when reading: many file chunks per task
+TRUNCATION_SLACK = 1 << 20  # space HDF5 may have reserved past the last byte it wrote before a kill
+
+# name: (dims, dtype, meaning). Names and dims are the public contract (DESIGN.md).
+TREE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "tokens": (("step",), "i8", "tokens that passed through each tree in the interval"),
+    "layer_tokens": (("step", "layer"), "i8", "tokens that passed through this layer in the interval"),
+    "node_visits": (("step", "layer", "tree", "node"), "i8", "tokens that reached decision node n"),
+    "node_right": (("step", "layer", "tree", "node"), "i8", "of those, tokens sent to the right child"),
+    "node_fires": (("step", "layer", "tree", "node"), "i8", "visiting tokens whose node neuron output was non-zero"),
+    "node_act_sum": (("step", "layer", "tree", "node"), "f8", "sum of z_n over visiting tokens"),
+    "node_act_sqsum": (("step", "layer", "tree", "node"), "f8", "sum of z_n^2 over visiting tokens"),
+    "leaf_visits": (("step", "layer", "tree", "leaf"), "i8", "tokens whose path ended at leaf j"),
+    "leaf_fires": (("step", "layer", "tree", "leaf"), "i8", "non-zero outputs of leaf j's units, summed over tokens"),
+    "leaf_act_sum": (("step", "layer", "tree", "leaf"), "f8", "sum of the leaf's z (leaf MLP: mean over its units)"),
+    "leaf_act_sqsum": (("step", "layer", "tree", "leaf"), "f8", "sum of the square of the same"),
+}
+TRACE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "sample_step": (("sample",), "i8", "step of the interval the sampled token was traced in"),
+    "token_id": (("sample",), "i4", "id of the sampled token (-1: not given to the recorder)"),
+    "sequence": (("sample",), "i4", "row of the token's batch (-1: not given)"),
+    "position": (("sample",), "i4", "position of the token in its sequence (-1: not given)"),
+    "context_ids": (("sample", "context"), "i4", "ids of the tokens up to and including it (-1: none)"),
+    "leaf": (("sample", "layer", "tree"), "i4", "leaf the token's path ended at (the path is implied)"),
+    "path_act": (("sample", "layer", "tree", "level"), "f4", "pre-activation z at each level of the path"),
+}
+RUN_FIXED_SCALARS: dict[str, str] = {"tokens_seen": "i8", "elapsed_s": "f8"}
+
+
+class RunFileError(Exception):
+    """A path that is not a readable routescope run; the message says what is wrong and what to do."""
+
+
+@dataclass
+class LayerLayout:
+    """Per-layer shape information the writer needs (the rest of a layer's config is an attribute)."""
+
+    name: str
+    depth: int
+    trees: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _attr_value(value: Any) -> Any:
+    """Numbers stay numbers, strings (and str subclasses such as torch's version) become plain str, the rest JSON."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    return str(value) if isinstance(value, str) else json.dumps(value)
+
+
+def _row_bytes(row_shape: tuple[int, ...], itemsize: int) -> int:
+    return max(1, int(np.prod(row_shape, dtype=np.int64)) * itemsize)
+
+
+def _create_growing(
+    group: h5py.Group, name: str, dims: tuple[str, ...], dtype: str, sizes: dict[str, int], rows_per_write: int = 1
+) -> h5py.Dataset:
+    """A dataset resizable along its first dimension, fixed elsewhere, chunked as COMPRESS_MIN_BYTES explains."""
+    row = tuple(sizes[d] for d in dims[1:])
+    dt = np.dtype(dtype)
+    write_bytes = rows_per_write * _row_bytes(row, dt.itemsize)
+    if write_bytes >= COMPRESS_MIN_BYTES:
+        rows, options = rows_per_write, COMPRESSION
+    else:
+        rows, options = max(rows_per_write, SMALL_CHUNK_BYTES // _row_bytes(row, dt.itemsize)), {}
+    # h5py cannot chunk a fixed dimension of size 0 (a depth-0 tree has no decision nodes).
+    maxshape = (None, *(s if s > 0 else None for s in row))
+    chunks = (rows, *(max(s, 1) for s in row))
+    fill = np.nan if dt.kind == "f" else -1 if name in TRACE_VARIABLES else 0
+    return group.create_dataset(name, shape=(0, *row), maxshape=maxshape, chunks=chunks, dtype=dt,
+                                fillvalue=fill, **options)  # fmt: skip
+
+
+def _make_coordinate(group: h5py.Group, name: str, values: np.ndarray | None = None) -> None:
+    """A netCDF dimension: a dimension-scale dataset named like the dimension (values = its labels)."""
+    if values is None:  # growing dimension
+        dset = group.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(SMALL_CHUNK_BYTES // 8,), dtype="i8")
+    else:
+        dset = group.create_dataset(name, data=values)
+    dset.make_scale(name)
+
+
+def _attach_dims(group: h5py.Group, dset: h5py.Dataset, dims: tuple[str, ...]) -> None:
+    for axis, dim in enumerate(dims):
+        dset.dims[axis].attach_scale(group[dim])
+
+
+class RunWriter:
+    """Creates a run file and appends one interval at a time; flushes after each (SWMR readers see it)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        layers: list[LayerLayout],
+        attrs: dict[str, Any],
+        scalars: tuple[str, ...] = (),
+        sample_tokens: int = 0,
+        context: int = 32,
+        overwrite: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise RunFileError(f"{self.path} already exists; choose another output path or pass overwrite")
+        self.scalars = tuple(scalars)
+        self.layers = layers
+        max_depth = max((layer.depth for layer in layers), default=0)
+        sizes = {
+            "layer": len(layers), "tree": max((layer.trees for layer in layers), default=0),
+            "node": 2**max_depth - 1, "leaf": 2**max_depth, "level": max_depth + 1, "context": context,
+        }  # fmt: skip
+        self.file = h5py.File(self.path, "w", libver="latest")
+        f = self.file
+        f.attrs.update(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "layers": json.dumps([{"name": layer.name, **layer.config} for layer in layers]),
+                **{k: _attr_value(v) for k, v in attrs.items()},
+            }
+        )
+        state = f.create_dataset("run_state", data=np.int8(0))
+        state.attrs.update({"flag_values": np.arange(len(RUN_STATES), dtype="i1"), "flag_meanings": " ".join(RUN_STATES)})
+
+        if layers:  # a run without routed layers (a dense baseline) records the `run` group only
+            self._create_tree_group(sizes)
+
+        run = f.create_group("run")
+        _make_coordinate(run, "step")
+        for name, dtype in {**RUN_FIXED_SCALARS, **{s: "f8" for s in self.scalars}}.items():
+            dset = _create_growing(run, name, ("step",), dtype, sizes)
+            _attach_dims(run, dset, ("step",))
+
+        self.sample_tokens = sample_tokens
+        if sample_tokens > 0 and layers:
+            traces = f.create_group("traces")
+            _make_coordinate(traces, "sample")
+            for dim in ("layer", "tree", "level", "context"):
+                _make_coordinate(traces, dim, np.arange(sizes[dim]))
+            for name, (dims, dtype, meaning) in TRACE_VARIABLES.items():
+                dset = _create_growing(traces, name, dims, dtype, sizes, rows_per_write=sample_tokens)
+                dset.attrs["long_name"] = meaning
+                _attach_dims(traces, dset, dims)
+        f.swmr_mode = True  # every dataset exists by now: SWMR forbids creating more
+        self.sizes = sizes
+
+    def _create_tree_group(self, sizes: dict[str, int]) -> None:
+        layers = self.layers
+        tree = self.file.create_group("tree")
+        _make_coordinate(tree, "step")
+        for dim in ("layer", "tree", "node", "leaf"):
+            _make_coordinate(tree, dim, np.arange(sizes[dim]))
+        names = tree.create_dataset("layer_name", data=[layer.name for layer in layers], dtype=h5py.string_dtype())
+        depth = tree.create_dataset("layer_depth", data=np.array([layer.depth for layer in layers], dtype="i4"))
+        trees = tree.create_dataset("layer_trees", data=np.array([layer.trees for layer in layers], dtype="i4"))
+        for dset in (names, depth, trees):
+            _attach_dims(tree, dset, ("layer",))
+        for name, (dims, dtype, meaning) in TREE_VARIABLES.items():
+            dset = _create_growing(tree, name, dims, dtype, sizes)
+            dset.attrs["long_name"] = meaning
+            _attach_dims(tree, dset, dims)
+
+    @property
+    def intervals(self) -> int:
+        return self.file["run/step"].shape[0]
+
+    def append_interval(
+        self,
+        step: int,
+        tree: dict[str, np.ndarray],
+        scalars: dict[str, float],
+        traces: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """Append one interval. `tree` maps each TREE_VARIABLES name to its row (layer, tree, x)."""
+        f = self.file
+        row = self.intervals
+        if row and step <= int(f["run/step"][row - 1]):
+            raise ValueError(f"steps must increase: {step} after {int(f['run/step'][row - 1])}")
+        if "tree" in f:
+            for name in TREE_VARIABLES:
+                _append_row(f["tree"][name], row, tree[name])
+        for name in f["run"]:
+            if name != "step":
+                _append_row(f["run"][name], row, scalars.get(name, np.nan))
+        coords = [(f[f"{group}/step"], row, step) for group in ("tree", "run") if group in f]
+        if traces is not None and "traces" in f:
+            group, first = f["traces"], f["traces/sample"].shape[0]
+            count = len(traces["leaf"])
+            for name in TRACE_VARIABLES:
+                _append_rows(group[name], first, traces[name])
+            coords.append((group["sample"], first, np.arange(first, first + count)))
+        for dset, at, value in coords:  # coordinates last: they make the rows visible
+            _append_rows(dset, at, np.atleast_1d(value))
+        f.flush()
+
+    def close(self, state: str = "finished") -> None:
+        """Record the final run state and close the file (idempotent)."""
+        if not self.file.id.valid:
+            return
+        self.file["run_state"][()] = np.int8(RUN_STATES.index(state))
+        self.file.flush()
+        self.file.close()
+
+
+def _append_row(dset: h5py.Dataset, row: int, value: Any) -> None:
+    _append_rows(dset, row, np.asarray(value, dtype=dset.dtype)[None])
+
+
+def _append_rows(dset: h5py.Dataset, first: int, values: np.ndarray) -> None:
+    values = np.asarray(values)
+    dset.resize(first + values.shape[0], axis=0)
+    dset[first : first + values.shape[0]] = values
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def open_h5(path: str | Path) -> h5py.File:
+    """Open a run file read-only (SWMR, so it works while a run writes and after a crash), or explain why not."""
+    p = Path(path)
+    if not p.exists():
+        raise RunFileError(f"{p}: no such file; check the path (record a run with `routescope record`)")
+    if p.is_dir():
+        raise RunFileError(f"{p} is a directory; give the path of a run file (.h5)")
+    if p.stat().st_size == 0:
+        raise RunFileError(f"{p} is empty (0 bytes); the recording that made it never wrote: record it again")
+    if not h5py.is_hdf5(p):
+        raise RunFileError(f"{p} is not an HDF5 file; give a run file written by `routescope record`")
+    try:
+        f = h5py.File(p, "r")  # a run that was closed: its metadata is final
+    except OSError as err:
+        if "already open for write" not in str(err):
+            raise RunFileError(f"{p} is a truncated or corrupt HDF5 file ({_first_line(err)}); it cannot be read") from None
+        # Still being written, or killed while writing: the superblock says "open for write", which
+        # only an SWMR reader accepts. Everything flushed before the kill is readable that way.
+        f = h5py.File(p, "r", libver="latest", swmr=True)
+        if p.stat().st_size + TRUNCATION_SLACK < f.id.get_filesize():
+            f.close()
+            raise RunFileError(f"{p} is truncated (shorter than its own header says); it cannot be read")
+    try:
+        _check_layout(f, p)
+    except RunFileError:
+        f.close()
+        raise
+    except Exception as err:  # any failure to read the metadata means a damaged file
+        f.close()
+        raise RunFileError(f"{p} is a damaged run file ({_first_line(err)}); it cannot be read") from None
+    return f
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def _check_layout(f: h5py.File, p: Path) -> None:
+    if "schema_version" not in f.attrs:
+        raise RunFileError(f"{p} is an HDF5 file but not a routescope run (no schema_version attribute)")
+    version = int(f.attrs["schema_version"])
+    if version > SCHEMA_VERSION:
+        raise RunFileError(
+            f"{p} was written with schema version {version}, newer than this routescope reads "
+            f"({SCHEMA_VERSION}); upgrade routescope"
+        )
+    expected = ["run/step"] + ([f"tree/{name}" for name in ("step", *TREE_VARIABLES)] if "tree" in f else [])
+    missing = [name for name in expected if name not in f]
+    if missing:
+        raise RunFileError(f"{p} has a routescope schema_version but lacks {missing[0]}; it is not a complete run file")
+
+
+def _dims_of(dset: h5py.Dataset) -> tuple[str, ...]:
+    """Dimension names of a dataset, from the dimension scales attached to it (a scale names itself)."""
+    if h5py.h5ds.is_scale(dset.id):
+        return (dset.name.rsplit("/", 1)[-1],)
+    return tuple(dset.dims[axis][0].name.rsplit("/", 1)[-1] for axis in range(dset.ndim))
+
+
+def _read_chunks(dset: h5py.Dataset) -> tuple[int, ...]:
+    """Dask chunks: whole rows, as many file chunks along the growing dimension as fit READ_CHUNK_BYTES."""
+    per_file_chunk = dset.chunks[0]
+    rows = max(1, READ_CHUNK_BYTES // _row_bytes(dset.shape[1:], dset.dtype.itemsize)) // per_file_chunk * per_file_chunk
+    return (max(rows, per_file_chunk), *dset.shape[1:])
+
+
+def group_dataset(f: h5py.File, group: str = "tree"):
+    """A lazy xarray Dataset over one group of an open run file, cut to its complete rows."""
+    import dask.array as da
+    import xarray as xr
+
+    if group not in f:
+        hint = " (no routed layers were recorded: a dense baseline?)" if group != "run" else ""
+        raise RunFileError(f"{f.filename} has no group {group!r}{hint}; groups: {', '.join(k for k in f if k != 'run_state')}")
+    g = f[group]
+    growing = "sample" if group == "traces" else "step"
+    live = f.swmr_mode  # opened while written (or after a kill): see the latest flushed rows
+    if live:
+        g[growing].refresh()
+    rows = g[growing].shape[0]  # complete rows: the coordinate is written last
+    coords: dict[str, Any] = {}
+    data_vars: dict[str, Any] = {}
+    for name, dset in g.items():
+        dims = _dims_of(dset)
+        if dims and dims[0] == growing:
+            if live:
+                dset.refresh()
+            values = dset[:rows] if name == growing else da.from_array(dset, chunks=_read_chunks(dset), lock=True)[:rows]
+        else:
+            values = dset.asstr()[()] if h5py.check_string_dtype(dset.dtype) else dset[()]
+        target = coords if name in dims else data_vars
+        target[name] = xr.Variable(dims, values, attrs={k: v for k, v in dset.attrs.items() if k == "long_name"})
+    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    attrs["run_state"] = RUN_STATES[int(f["run_state"][()])] if "run_state" in f else "unknown"
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def open_run(path: str | Path, group: str = "tree"):
+    """Open a run file as a lazy (dask-backed) xarray Dataset of one group: "tree", "run" or "traces".
+
+    Works on finished runs, runs still being written (SWMR) and runs killed mid-interval.
+    """
+    return group_dataset(open_h5(path), group)
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """A summary of what a run file holds (for `routescope info`)."""
+    f = open_h5(path)
+    try:
+        ds = group_dataset(f, "tree")
+        steps = ds["step"].values
+        summary = {
+            "path": str(path),
+            "size_bytes": Path(path).stat().st_size,
+            "schema_version": int(f.attrs["schema_version"]),
+            "run_state": ds.attrs["run_state"],
+            "intervals": int(len(steps)),
+            "first_step": int(steps[0]) if len(steps) else None,
+            "last_step": int(steps[-1]) if len(steps) else None,
+            "tokens": int(ds["tokens"].sum().compute()) if len(steps) else 0,
+            "layers": json.loads(f.attrs.get("layers", "[]")),
+            "config": json.loads(f.attrs["config"]) if "config" in f.attrs else {},
+            "samples": int(f["traces/sample"].shape[0]) if "traces" in f else 0,
+            "versions": {k: str(f.attrs[k]) for k in ("routescope_version", "torch_version") if k in f.attrs},
+        }
+    finally:
+        f.close()
+    return summary

@@ -1,0 +1,98 @@
+"""A small GPT whose MLP blocks are TreeFFN layers (or dense, for a baseline). Byte-level tokens.
+
+Read top-down: config, attention, MLP choice, block, model. Shapes: B batch, S sequence, C d_model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from routescope.layers import TreeFFN
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256  # bytes: no tokenizer to download
+    seq_len: int = 128  # context length in bytes
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    mlp: str = "tree"  # "tree" (TreeFFN) or "dense" (d_model -> dense_width -> d_model baseline)
+    dense_width: int = 512  # hidden units of the dense baseline (4 x d_model, as in GPT-2)
+    depth: int = 7  # tree depth d: decisions per token; a token uses d+1 of 2^(d+1)-1 neurons per tree
+    trees: int = 2  # trees per layer; 2 trees of depth 7 hold 510 neurons (the dense width), 16 active (3.1%)
+    variant: str = "neuron"  # "neuron" (seed paper, UltraFastBERT) or "leaf_mlp" (Belcak's FFF)
+    leaf_width: int = 8  # units per leaf MLP (variant "leaf_mlp" only)
+    activation: str = "gelu"  # the asymmetry of GELU is what drives auto-pruning
+    placement: str = "node"  # "node": act per neuron before the path sum; "output": act after it
+    bias: bool = True
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, S, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)  # each (B, S, C)
+        q, k, v = (t.view(B, S, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, S, C/H)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, S, C))
+
+
+def make_mlp(cfg: GPTConfig) -> nn.Module:
+    """The block's feed-forward part: a routed TreeFFN or the dense baseline."""
+    if cfg.mlp == "dense":
+        return nn.Sequential(nn.Linear(cfg.d_model, cfg.dense_width), nn.GELU(), nn.Linear(cfg.dense_width, cfg.d_model))
+    if cfg.mlp == "tree":
+        return TreeFFN(
+            cfg.d_model, cfg.d_model, cfg.depth, trees=cfg.trees, variant=cfg.variant, leaf_width=cfg.leaf_width,
+            activation=cfg.activation, placement=cfg.placement if cfg.variant == "neuron" else "node", bias=cfg.bias,
+        )  # fmt: skip
+    raise ValueError(f"mlp must be 'tree' or 'dense', got {cfg.mlp!r}")
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = make_mlp(cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head.weight = self.wte.weight  # weight tying, as GPT-2
+        for name, p in self.named_parameters():
+            if name.endswith(("qkv.weight", "proj.weight")) or name in ("wte.weight", "wpe.weight"):
+                nn.init.normal_(p, std=0.02 if not name.endswith("proj.weight") else 0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx (B, S) byte ids -> logits (B, S, vocab), and the mean cross-entropy if targets are given."""
+        S = idx.shape[1]
+        x = self.wte(idx) + self.wpe(torch.arange(S, device=idx.device))  # (B, S, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss

@@ -1,0 +1,68 @@
+"""Named training presets (data, not code): `routescope record --config NAME` picks one.
+
+`debug` is tiny and doubles as the CI config; `shakespeare-tree` is the default demo (300 steps in
+about a minute on 2 CPU cores); the `-gpu` presets are the same experiments at GPU size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from routescope.trainers.model import GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    steps: int = 300
+    batch_size: int = 16  # sequences per step; tokens per step = batch_size * model.seq_len
+    lr: float = 3e-3  # AdamW peak learning rate, after linear warmup, cosine decay to lr / 10
+    warmup: int = 20
+    grad_clip: float = 1.0
+    eval_every: int = 100  # validation loss every N steps (and at the end)
+    eval_batches: int = 8
+    record_every: int = 10  # steps per recorded interval
+    sample_tokens: int = 64  # tokens per interval whose whole path is kept
+    seed: int = 0
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _tree(**model: Any) -> GPTConfig:
+    return GPTConfig(mlp="tree", **model)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "debug": TrainConfig(
+        model=_tree(seq_len=32, n_layer=2, n_head=2, d_model=32, depth=3, trees=2),
+        steps=30, batch_size=8, eval_every=15, eval_batches=2, record_every=5, sample_tokens=16,
+        description="tiny tree model for tests and CI (seconds)",
+    ),
+    "shakespeare-tree": TrainConfig(
+        model=_tree(), description="default demo: 4-layer byte GPT, TreeFFN depth 7 x 2 trees (3.1% of units per token)",
+    ),
+    "shakespeare-dense": TrainConfig(
+        model=GPTConfig(mlp="dense"), description="dense baseline of shakespeare-tree (same attention, 512-unit MLP)",
+    ),
+    "shakespeare-tree-gpu": TrainConfig(
+        model=_tree(seq_len=256, n_layer=8, n_head=8, d_model=512, depth=8, trees=4),
+        steps=3000, batch_size=64, lr=1e-3, warmup=100, eval_every=250, eval_batches=20, record_every=25,
+        sample_tokens=256, description="GPU size: 8-layer byte GPT, d_model 512, TreeFFN depth 8 x 4 trees",
+    ),
+    "shakespeare-dense-gpu": TrainConfig(
+        model=GPTConfig(seq_len=256, n_layer=8, n_head=8, d_model=512, mlp="dense", dense_width=2048),
+        steps=3000, batch_size=64, lr=1e-3, warmup=100, eval_every=250, eval_batches=20, record_every=25,
+        sample_tokens=256, description="dense baseline of shakespeare-tree-gpu",
+    ),
+}  # fmt: skip
+DEFAULT_PRESET = "shakespeare-tree"
+
+
+def get_preset(name: str, **overrides: Any) -> TrainConfig:
+    """A copy of a preset with top-level fields overridden (e.g. steps=50)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
