@@ -66,8 +66,8 @@ def neuron_forward(
     """
     act = ACTIVATIONS[activation]
     n, trees = x.shape[0], w.shape[0]
-    index = x.new_zeros((n, trees), dtype=torch.long)  # (n, T) current unit, starts at the root
-    y = x.new_zeros((n, u.shape[-1]), dtype=torch.result_type(x, u))
+    index = torch.zeros((n, trees), dtype=torch.long, device=x.device)  # (n, T) current unit: the root
+    y: Tensor | None = None  # (n, d_out)
     indices, zs = [], []
     for level in range(depth + 1):
         if path is not None:
@@ -77,7 +77,8 @@ def neuron_forward(
         if b is not None:
             z = z + _gather_rows(b, index)
         contribution = act(z) if placement == "node" else z
-        y = y + (contribution.unsqueeze(-1) * _gather_rows(u, index)).sum(1)  # (n, d_out)
+        term = (contribution.unsqueeze(-1) * _gather_rows(u, index)).sum(1)  # (n, d_out)
+        y = term if y is None else y + term
         indices.append(index)
         zs.append(z)
         if path is None and level < depth:
@@ -111,7 +112,7 @@ def leaf_mlp_forward(
     """
     act = ACTIVATIONS[activation]
     n, trees = x.shape[0], leaf_w1.shape[0]
-    index = x.new_zeros((n, trees), dtype=torch.long)
+    index = torch.zeros((n, trees), dtype=torch.long, device=x.device)
     indices, zs = [], []
     for level in range(depth):
         if path is not None:

@@ -206,7 +206,8 @@ class RunWriter:
                 _append_row(f["tree"][name], row, tree[name])
         for name in f["run"]:
             if name != "step":
-                _append_row(f["run"][name], row, scalars.get(name, np.nan))
+                missing = np.nan if f["run"][name].dtype.kind == "f" else -1
+                _append_row(f["run"][name], row, scalars.get(name, missing))
         coords = [(f[f"{group}/step"], row, step) for group in ("tree", "run") if group in f]
         if traces is not None and "traces" in f:
             group, first = f["traces"], f["traces/sample"].shape[0]

@@ -1,0 +1,69 @@
+"""Shared test helpers: DESIGN.md invariants checked with plain h5py (not routescope's reader)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+
+def open_plain(path: str | Path) -> h5py.File:
+    """Plain h5py: a closed run opens as is; a run killed while writing needs h5py's SWMR reader."""
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        return h5py.File(path, "r", libver="latest", swmr=True)
+
+
+def check_tree_invariants(path: str | Path) -> int:
+    """Assert every DESIGN.md invariant for every step, layer and tree; return the number of steps checked."""
+    with open_plain(path) as f:
+        tree = f["tree"]
+        steps = tree["step"][:]
+        n = len(steps)
+        assert np.all(np.diff(steps) > 0), "steps must increase strictly"
+        tokens = tree["tokens"][:n]
+        visits, right = tree["node_visits"][:n], tree["node_right"][:n]
+        leaves = tree["leaf_visits"][:n]
+        depths, trees = tree["layer_depth"][:], tree["layer_trees"][:]
+        assert visits.dtype == np.int64 and leaves.dtype == np.int64
+        for layer, (d, t) in enumerate(zip(depths, trees)):
+            nodes = 2**d - 1
+            v, r, lv = visits[:, layer, :t, :nodes], right[:, layer, :t, :nodes], leaves[:, layer, :t, : 2**d]
+            tok = tokens[:, None]
+            assert np.all(lv.sum(-1) == tok), f"layer {layer}: leaves must sum to tokens"
+            if d == 0:
+                continue
+            assert np.all(v[..., 0] == tok), f"layer {layer}: root visits must equal tokens"
+            assert np.all(r <= v) and np.all(r >= 0)
+            for node in range(2 ** (d - 1) - 1):  # children are decision nodes
+                assert np.all(v[..., 2 * node + 1] + v[..., 2 * node + 2] == v[..., node])
+                assert np.all(v[..., 2 * node + 2] == r[..., node])
+            for m in range(2 ** (d - 1) - 1, nodes):  # last decision level: children are leaves
+                j = 2 * (m - 2 ** (d - 1) + 1)
+                assert np.all(lv[..., j] + lv[..., j + 1] == v[..., m])
+                assert np.all(lv[..., j + 1] == r[..., m])
+        return n
+
+
+def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run the `routescope` console command as a user would, capturing its output."""
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "routescope.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kwargs)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def debug_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real recorded run of the `debug` preset (made once per test session)."""
+    from routescope.trainers.presets import get_preset
+    from routescope.trainers.train import train
+
+    path = tmp_path_factory.mktemp("runs") / "debug.h5"
+    train(get_preset("debug"), out=path, device="cpu", show_progress=False)
+    return path

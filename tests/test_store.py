@@ -1,0 +1,152 @@
+"""The run file: round trip through plain h5py, routescope.open and xarray's h5netcdf engine; live reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import xarray as xr
+
+import routescope
+from routescope.store import SCHEMA_VERSION, TREE_VARIABLES, LayerLayout, RunFileError, RunWriter, open_h5
+
+from conftest import check_tree_invariants, open_plain
+
+
+def synthetic_rows(rng: np.random.Generator, layers: list[LayerLayout], sizes: dict[str, int]) -> dict[str, np.ndarray]:
+    """One interval of random values, padded the way the recorder pads layers of different shapes."""
+    shape = (len(layers), sizes["tree"])
+    row = {name: rng.integers(0, 100, shape + (sizes[name.split("_")[0]],)) for name in TREE_VARIABLES if "_" in name}
+    for name in ("node_act_sum", "node_act_sqsum", "leaf_act_sum", "leaf_act_sqsum"):
+        row[name] = rng.normal(size=row[name].shape)
+    row["tokens"] = np.int64(rng.integers(1, 1000))
+    row["layer_tokens"] = np.full(len(layers), row["tokens"])
+    return row
+
+
+@pytest.fixture
+def written(tmp_path: Path) -> tuple[Path, list[dict[str, np.ndarray]], list[int]]:
+    layers = [LayerLayout("blocks.0.mlp", 3, 2, {"depth": 3}), LayerLayout("blocks.1.mlp", 2, 1, {"depth": 2})]
+    path = tmp_path / "synthetic.h5"
+    writer = RunWriter(path, layers, {"config": {"lr": 0.1}, "torch_version": "x"}, scalars=("train_loss", "val_loss"))
+    rng = np.random.default_rng(0)
+    rows, steps = [], [5, 10, 15, 17]
+    for step in steps:
+        rows.append(synthetic_rows(rng, layers, writer.sizes))
+        writer.append_interval(step, rows[-1], {"train_loss": step / 10})
+    with pytest.raises(ValueError, match="steps must increase"):
+        writer.append_interval(17, rows[-1], {})
+    writer.close()
+    return path, rows, steps
+
+
+def test_round_trip_plain_h5py(written) -> None:
+    path, rows, steps = written
+    with h5py.File(path, "r") as f:  # a closed run opens with plain h5py
+        assert f.attrs["schema_version"] == SCHEMA_VERSION
+        assert json.loads(f.attrs["config"]) == {"lr": 0.1}
+        assert list(f["tree/step"][:]) == steps
+        for name in TREE_VARIABLES:
+            np.testing.assert_array_equal(f["tree"][name][:], np.stack([r[name] for r in rows]))
+        assert f["tree/node_visits"].dtype == np.int64
+        assert np.isnan(f["run/val_loss"][:]).all()
+        np.testing.assert_allclose(f["run/train_loss"][:], np.array(steps) / 10)
+
+
+def test_round_trip_routescope_open_and_xarray(written) -> None:
+    path, rows, steps = written
+    ds = routescope.open(path)
+    assert ds["node_visits"].dims == ("step", "layer", "tree", "node")
+    assert ds["leaf_visits"].dims == ("step", "layer", "tree", "leaf")
+    assert ds.sizes == {"step": 4, "layer": 2, "tree": 2, "node": 7, "leaf": 8}
+    assert list(ds["layer_name"].values) == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert ds.attrs["run_state"] == "finished"
+    np.testing.assert_array_equal(ds["node_visits"].sel(step=15, layer=1).values, rows[2]["node_visits"][1])
+    assert hasattr(ds["node_visits"].data, "dask")  # lazy
+    plain = xr.open_dataset(path, engine="h5netcdf", group="tree")  # no routescope needed
+    for name in TREE_VARIABLES:
+        np.testing.assert_array_equal(plain[name].values, ds[name].values)
+    assert list(plain["step"].values) == steps
+    run = routescope.open(path, group="run")
+    assert run["train_loss"].dims == ("step",)
+
+
+def test_refuses_to_overwrite(written) -> None:
+    path, _, _ = written
+    before = path.read_bytes()
+    with pytest.raises(RunFileError, match="already exists"):
+        RunWriter(path, [LayerLayout("x", 1, 1)], {})
+    assert path.read_bytes() == before
+
+
+def test_partial_row_after_a_crash_is_not_shown(tmp_path: Path) -> None:
+    """Data rows written before their step coordinate (a kill mid-interval) stay invisible."""
+    path = tmp_path / "partial.h5"
+    layers = [LayerLayout("l", 2, 1)]
+    writer = RunWriter(path, layers, {})
+    rows = synthetic_rows(np.random.default_rng(1), layers, writer.sizes)
+    writer.append_interval(1, rows, {})
+    dset = writer.file["tree/node_visits"]
+    dset.resize(2, axis=0)  # as if killed after the data and before the coordinate
+    writer.file.flush()
+    writer.close("interrupted")
+    ds = routescope.open(path)
+    assert ds.sizes["step"] == 1 and ds["node_visits"].shape[0] == 1
+    assert ds.attrs["run_state"] == "interrupted"
+
+
+def test_dense_run_has_no_tree_group(tmp_path: Path) -> None:
+    path = tmp_path / "dense.h5"
+    writer = RunWriter(path, [], {}, scalars=("train_loss",))
+    writer.append_interval(1, {}, {"train_loss": 2.0})
+    writer.close()
+    assert float(routescope.open(path, group="run")["train_loss"][0]) == 2.0
+    with pytest.raises(RunFileError, match="dense baseline"):
+        routescope.open(path)
+
+
+def test_newer_schema_is_refused(written, tmp_path: Path) -> None:
+    path, _, _ = written
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(RunFileError, match="upgrade routescope"):
+        open_h5(path)
+
+
+@pytest.mark.slow
+def test_read_while_a_run_is_writing(tmp_path: Path) -> None:
+    """SWMR: a second process reads complete, growing intervals from a run that is still recording."""
+    path = tmp_path / "live.h5"
+    cmd = [sys.executable, "-m", "routescope.cli", "record", "--config", "debug", "--steps", "100000", "--every", "1",
+           "--out", str(path), "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        seen = []
+        deadline = time.monotonic() + 90
+        while len(seen) < 3 and time.monotonic() < deadline:
+            try:
+                ds = routescope.open(path)
+            except RunFileError:
+                time.sleep(0.2)
+                continue
+            assert ds.attrs["run_state"] == "running"
+            visits, tokens = ds["node_visits"].values, ds["tokens"].values
+            assert np.all(visits[:, :, :, 0] == tokens[:, None, None])  # complete rows only
+            assert np.all(np.diff(ds["step"].values) > 0)
+            if not seen or ds.sizes["step"] > seen[-1]:
+                seen.append(ds.sizes["step"])
+            ds.close()
+            time.sleep(0.3)
+        assert len(seen) >= 3, f"the reader never saw the run grow: {seen}"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert check_tree_invariants(path) >= seen[-1]
+    with open_plain(path) as f:
+        assert f["tree/step"].shape[0] >= seen[-1]
