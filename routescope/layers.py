@@ -178,8 +178,7 @@ class TreeFFN(nn.Module):
 
     def reset_routing_stats(self) -> None:
         """Zero the accumulators in place (keeps buffer identity, so compiled graphs stay valid)."""
-        for tensor in self.routing_stats().values():
-            tensor.zero_()
+        torch._foreach_zero_(list(self.routing_stats().values()))  # one launch per dtype group, not one per buffer
 
     @classmethod
     def from_fastfeedforward(cls, fff: nn.Module, output_bias: bool = False) -> TreeFFN:

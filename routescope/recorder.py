@@ -210,8 +210,8 @@ class Recorder:
         # torch.cat copies, so the accumulators can be zeroed right after (stream order keeps this safe).
         flat_ints = torch.cat([t.to(device) for t in ints]) if ints else torch.zeros(0, dtype=torch.int64)
         flat_floats = torch.cat([t.to(device, torch.float64) for t in floats]) if floats else torch.zeros(0, dtype=torch.float64)
-        for _, layer in self.layers:
-            layer.reset_routing_stats()
+        if self.layers:  # zero every accumulator of every layer in a few launches
+            torch._foreach_zero_([t for _, layer in self.layers for t in layer.routing_stats().values()])
         host_ints, host_floats, ready = _to_host(flat_ints), _to_host(flat_floats), None
         if device.type == "cuda":
             ready = torch.cuda.Event()
@@ -234,7 +234,7 @@ class Recorder:
             return 0, False
         count = min(self.sample_tokens, n)
         picked = torch.randperm(n, generator=self._generator)[:count].sort().values  # (k,) flat token index
-        index = picked.to(device)
+        index = _to_device(picked, device)
         for (_, layer), trace in zip(self.layers, traces):
             nodes = 2**layer.depth - 1
             ints.append((trace.path[index, :, layer.depth] - nodes).reshape(-1))  # (k*T,) leaf
@@ -246,9 +246,9 @@ class Recorder:
             sequence, position = picked // seq_len, picked % seq_len
             ctx_pos = position[:, None] - torch.arange(self.context - 1, -1, -1)  # (k, C)
             valid = ctx_pos >= 0
-            flat = (sequence[:, None] * seq_len + ctx_pos.clamp(min=0)).to(ids.device)
-            context = torch.where(valid.to(ids.device), ids.reshape(-1)[flat], -1)
-            ints += [sequence.to(device), position.to(device), context.reshape(-1).to(device)]
+            flat = _to_device(sequence[:, None] * seq_len + ctx_pos.clamp(min=0), ids.device)
+            context = torch.where(_to_device(valid, ids.device), ids.reshape(-1)[flat], -1)
+            ints += [_to_device(sequence, device), _to_device(position, device), context.reshape(-1).to(device)]
         return count, has_ids
 
     def _write_loop(self) -> None:
@@ -321,6 +321,13 @@ def _take_into(tree: dict, name: str, li: int, layer: TreeFFN, flat: np.ndarray,
     size = layer.trees * width
     tree[name][li, : layer.trees, :width] = flat[at : at + size].reshape(layer.trees, width)
     return at + size
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Move a small host tensor to the device without a sync: a pageable copy to CUDA would block."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _to_host(flat: Tensor) -> Tensor:
