@@ -1,14 +1,32 @@
 """routescope: record, measure and see the routing dynamics of sparse feed-forward layers."""
 
+from __future__ import annotations
+
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+from routescope.store import RunFileError, open_run as open
 
 try:
     __version__ = version("routescope")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0+unknown"
 
-from routescope.layers import TreeFFN
-from routescope.recorder import Recorder
-from routescope.store import RunFileError, open_run as open
+if TYPE_CHECKING:
+    from routescope.layers import TreeFFN
+    from routescope.recorder import Recorder
 
 __all__ = ["Recorder", "RunFileError", "TreeFFN", "__version__", "open"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import torch-dependent parts on first use, so reading files (and the CLI's `info`) stays fast."""
+    if name == "TreeFFN":
+        from routescope.layers import TreeFFN
+
+        return TreeFFN
+    if name == "Recorder":
+        from routescope.recorder import Recorder
+
+        return Recorder
+    raise AttributeError(f"module 'routescope' has no attribute {name!r}")

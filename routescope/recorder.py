@@ -227,7 +227,7 @@ class Recorder:
     def _pack_traces(self, ints: list[Tensor], floats: list[Tensor], device: torch.device) -> tuple[int, bool]:
         """Append the sampled tokens' leaves, path pre-activations and ids to the flat buffers."""
         traces = [layer.last_trace for _, layer in self.layers]
-        if self.sample_tokens <= 0 or any(t is None for t in traces):
+        if self.sample_tokens <= 0 or not traces or any(t is None for t in traces):
             return 0, False
         n = traces[0].path.shape[0]
         if any(t.path.shape[0] != n for t in traces) or n == 0:

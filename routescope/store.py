@@ -318,16 +318,17 @@ def group_dataset(f: h5py.File, group: str = "tree"):
     g = f[group]
     growing = "sample" if group == "traces" else "step"
     live = f.swmr_mode  # opened while written (or after a kill): see the latest flushed rows
-    if live:
-        g[growing].refresh()
-    rows = g[growing].shape[0]  # complete rows: the coordinate is written last
+    growing_sets = [d for d in g.values() if _dims_of(d)[:1] == (growing,)]
+    for dset in growing_sets if live else ():
+        dset.refresh()
+    # Complete rows: those present in every variable. The writer writes the coordinate last, but
+    # HDF5 may flush metadata in any order, so after a kill any variable can be one row short.
+    rows = min(d.shape[0] for d in growing_sets)
     coords: dict[str, Any] = {}
     data_vars: dict[str, Any] = {}
     for name, dset in g.items():
         dims = _dims_of(dset)
         if dims and dims[0] == growing:
-            if live:
-                dset.refresh()
             values = dset[:rows] if name == growing else da.from_array(dset, chunks=_read_chunks(dset), lock=True)[:rows]
         else:
             values = dset.asstr()[()] if h5py.check_string_dtype(dset.dtype) else dset[()]
@@ -350,17 +351,20 @@ def describe(path: str | Path) -> dict[str, Any]:
     """A summary of what a run file holds (for `routescope info`)."""
     f = open_h5(path)
     try:
-        ds = group_dataset(f, "tree")
-        steps = ds["step"].values
+        run = group_dataset(f, "run")  # every run has it; `tree` is absent for a dense baseline
+        steps = run["step"].values
+        tree = group_dataset(f, "tree") if "tree" in f else None
+        if tree is not None:
+            steps = tree["step"].values  # may be one row ahead of `run` after a kill mid-interval
         summary = {
             "path": str(path),
             "size_bytes": Path(path).stat().st_size,
             "schema_version": int(f.attrs["schema_version"]),
-            "run_state": ds.attrs["run_state"],
+            "run_state": run.attrs["run_state"],
             "intervals": int(len(steps)),
             "first_step": int(steps[0]) if len(steps) else None,
             "last_step": int(steps[-1]) if len(steps) else None,
-            "tokens": int(ds["tokens"].sum().compute()) if len(steps) else 0,
+            "tokens": int(tree["tokens"].sum().compute()) if tree is not None else int(run["tokens_seen"].values.max(initial=0)),
             "layers": json.loads(f.attrs.get("layers", "[]")),
             "config": json.loads(f.attrs["config"]) if "config" in f.attrs else {},
             "samples": int(f["traces/sample"].shape[0]) if "traces" in f else 0,
