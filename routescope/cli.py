@@ -132,6 +132,30 @@ def info(
     console.print(f"versions: {', '.join(f'{k}={v}' for k, v in summary['versions'].items())}")
 
 
+@app.command()
+def report(
+    paths: Annotated[list[Path], typer.Argument(help="Run file(s); several are compared side by side.")],
+    window: Annotated[Optional[str], typer.Option(help="Steps START:END (half-open; either may be left out).")] = None,
+    layer: Annotated[Optional[list[int]], typer.Option("--layer", "-l", help="Only this layer (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report object (DESIGN.md keys) as JSON.")] = False,
+) -> None:
+    """Routing metrics per layer over a window of steps: entropy, balance, dead/frozen/static fractions, ..."""
+    from routescope.metrics import MetricsError, parse_window
+    from routescope.report import build_report, compare_table, report_table
+
+    try:
+        bounds = parse_window(window)
+        reports = [build_report(path, bounds, layer) for path in paths]
+    except (RunFileError, MetricsError) as err:
+        fail(str(err))
+    if as_json:
+        print(json.dumps(reports[0] if len(reports) == 1 else {"runs": reports}, indent=2))
+    elif len(reports) == 1:
+        console.print(report_table(reports[0]))
+    else:
+        console.print(compare_table(reports))
+
+
 @app.callback(invoke_without_command=True)
 def _main(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
