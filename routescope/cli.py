@@ -138,6 +138,7 @@ def report(
     window: Annotated[Optional[str], typer.Option(help="Steps START:END (half-open; either may be left out).")] = None,
     layer: Annotated[Optional[list[int]], typer.Option("--layer", "-l", help="Only this layer (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report object (DESIGN.md keys) as JSON.")] = False,
+    events: Annotated[bool, typer.Option("--events", help="Also count pruning events and score the early warning.")] = False,
 ) -> None:
     """Routing metrics per layer over a window of steps: entropy, balance, dead/frozen/static fractions, ..."""
     from routescope.metrics import MetricsError, parse_window
@@ -145,13 +146,19 @@ def report(
 
     try:
         bounds = parse_window(window)
-        reports = [build_report(path, bounds, layer) for path in paths]
+        reports = [build_report(path, bounds, layer, events) for path in paths]
     except (RunFileError, MetricsError) as err:
         fail(str(err))
     if as_json:
         print(json.dumps(reports[0] if len(reports) == 1 else {"runs": reports}, indent=2))
     elif len(reports) == 1:
         console.print(report_table(reports[0]))
+        if events:
+            e = reports[0]["events"]
+            w = e["early_warning"]
+            console.print(f"pruning: {e['died']} nodes died (first at step {e['first_death_step']}), {e['froze']} froze; "
+                          f"early warning: {w['flags']} flags, {w['predicted']}/{w['deaths']} deaths predicted "
+                          f"(precision {w['precision']}, recall {w['recall']})")  # fmt: skip
     else:
         console.print(compare_table(reports))
 

@@ -26,6 +26,7 @@ TREE_METRICS = (
 )  # fmt: skip
 COUNT_VARIABLES = ("tokens", "node_visits", "node_right", "node_fires", "leaf_visits", "leaf_fires",
                    "node_act_sum", "node_act_sqsum")  # fmt: skip
+SUMMARY_VARIABLES = ("tokens", "node_visits", "node_right", "node_fires", "leaf_visits", "leaf_fires")
 BLOCK_BYTES = 64 * 1024 * 1024  # rows of the file read at once when streaming
 
 
@@ -191,11 +192,11 @@ def select_window(ds: xr.Dataset, window: tuple[int | None, int | None] = (None,
     return ds.isel(step=np.flatnonzero(keep))
 
 
-def window_counts(ds: xr.Dataset) -> dict[str, np.ndarray]:
-    """Counts summed over all intervals of `ds` (streamed by dask), as numpy arrays without `step`."""
+def window_counts(ds: xr.Dataset, names: tuple[str, ...] = COUNT_VARIABLES) -> dict[str, np.ndarray]:
+    """Counts summed over all intervals of `ds` (streamed by dask, one pass), as numpy arrays without `step`."""
     import dask
 
-    names = [n for n in COUNT_VARIABLES if n in ds]
+    names = [n for n in names if n in ds]
     summed = dask.compute(*[ds[n].data.sum(axis=0) if hasattr(ds[n].data, "dask") else ds[n].values.sum(0) for n in names])
     return dict(zip(names, (np.asarray(s) for s in summed)))
 
@@ -227,7 +228,7 @@ def summarize(ds: xr.Dataset, window: tuple[int | None, int | None] = (None, Non
               epsilon: float = FROZEN_EPSILON) -> xr.Dataset:  # fmt: skip
     """Window metrics per tree (dims layer, tree) and per layer (suffix-free, mean over trees)."""
     infos = select_layers(ds, layers)
-    counts = window_counts(select_window(ds, window))
+    counts = window_counts(select_window(ds, window), SUMMARY_VARIABLES)
     max_trees = max(info.trees for info in infos)
     per_tree = {name: np.full((len(infos), max_trees), np.nan) for name in TREE_METRICS}
     max_depth = max(info.depth for info in infos)
@@ -277,7 +278,7 @@ def timeseries(ds: xr.Dataset, rolling: int | None = 10, layers: list[int] | Non
     """Every tree metric as a curve over training: per interval, over the last `rolling` intervals
     (rolling=None: cumulative from the start). Dims (step, layer); per tree as tree_<name>."""
     infos = select_layers(ds, layers)
-    names = ("tokens", "node_visits", "node_right", "node_fires", "leaf_visits", "leaf_fires")
+    names = SUMMARY_VARIABLES
     steps = ds["step"].values
     max_trees = max(info.trees for info in infos)
     out = {name: np.full((len(steps), len(infos), max_trees), np.nan) for name in TREE_METRICS}

@@ -17,8 +17,9 @@ from routescope.store import group_dataset, open_h5
 
 
 def build_report(path: str | Path, window: tuple[int | None, int | None] = (None, None),
-                 layers: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
-    """The report object of one run file over a window of steps."""
+                 layers: list[int] | None = None, events: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The report object of one run file over a window of steps (events: add pruning events and the
+    early warning's precision/recall, two more passes over the window)."""
     f = open_h5(path)
     try:
         ds = group_dataset(f, "tree")
@@ -33,15 +34,33 @@ def build_report(path: str | Path, window: tuple[int | None, int | None] = (None
                 entry[name] = _number(summary[name].values[row])
             entry["mutual_information"] = _number(mi.values[info.index]) if mi is not None else None
             rows.append(entry)
-        return {
+        result = {
             "schema_version": int(f.attrs["schema_version"]),
             "path": str(path),
             "window": {"start": window[0], "end": window[1], "first_step": summary.attrs["window_first_step"],
                        "last_step": summary.attrs["window_last_step"], "intervals": summary.attrs["intervals"]},
             "layers": rows,
+            "run": {name: _number(summary[name].mean().values) for name in metrics.TREE_METRICS},
         }  # fmt: skip
+        if events:
+            result["events"] = _events(metrics.select_window(ds, window))
+        return result
     finally:
         f.close()
+
+
+def _events(ds: Any) -> dict[str, Any]:
+    from routescope.events import early_warnings, pruning_events
+
+    table = pruning_events(ds)
+    warning = early_warnings(ds)
+    return {
+        "died": int((table["kind"] == "died").sum()),
+        "froze": int((table["kind"] == "froze").sum()),
+        "first_death_step": int(table.loc[table["kind"] == "died", "step"].min()) if (table["kind"] == "died").any() else None,
+        "early_warning": {"flags": len(warning.flags), "deaths": warning.deaths, "predicted": warning.predicted,
+                          "precision": _number(warning.precision), "recall": _number(warning.recall)},
+    }  # fmt: skip
 
 
 def _number(value: Any) -> float | None:

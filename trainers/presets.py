@@ -16,7 +16,7 @@ from routescope.trainers.model import GPTConfig
 class TrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     steps: int = 300
-    batch_size: int = 16  # sequences per step; tokens per step = batch_size * model.seq_len
+    batch_size: int = 12  # sequences per step; tokens per step = batch_size * model.seq_len
     lr: float = 3e-3  # AdamW peak learning rate, after linear warmup, cosine decay to lr / 10
     warmup: int = 20
     grad_clip: float = 1.0
