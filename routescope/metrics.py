@@ -94,6 +94,22 @@ def gini(values: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.where(total > 0, g, np.nan)
 
 
+def _split_metrics(visits: np.ndarray, right: np.ndarray, epsilon: float) -> dict[str, np.ndarray]:
+    """Visit-weighted routing entropy and balance of a set of decision nodes (last axis), and its
+    dead and frozen node counts. Unvisited nodes have no split and carry no weight."""
+    visits, right = visits.astype(np.float64), right.astype(np.float64)
+    live = visits > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(live, right / visits, np.nan)
+        total = visits.sum(-1)
+        return {
+            "routing_entropy": np.where(live, visits * binary_entropy(p), 0).sum(-1) / total,
+            "balance": np.where(live, visits * (1 - np.abs(2 * p - 1)), 0).sum(-1) / total,
+            "dead": (~live).sum(-1),
+            "frozen": (live & (np.minimum(p, 1 - p) < epsilon)).sum(-1),
+        }
+
+
 def tree_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, epsilon: float = FROZEN_EPSILON) -> dict[str, np.ndarray]:
     """All per-tree metrics of one layer from window-summed counts of shape (..., T, nodes|leaves).
 
@@ -101,19 +117,13 @@ def tree_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, epsilon:
     (..., T, 2^d) and tokens (...,). Returns arrays of shape (..., T).
     """
     d, nodes = layer.depth, 2**layer.depth - 1
-    visits = counts["node_visits"].astype(np.float64)
-    right = counts["node_right"].astype(np.float64)
     leaves = counts["leaf_visits"].astype(np.float64)
     tokens = np.asarray(counts["tokens"], dtype=np.float64)[..., None]  # (..., 1) broadcasts over trees
-    live = visits > 0
+    split = _split_metrics(counts["node_visits"], counts["node_right"], epsilon)
+    routing_entropy, balance = split["routing_entropy"], split["balance"]
+    dead_nodes, frozen = split["dead"], split["frozen"]
     with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(live, right / visits, np.nan)
-        total_live = visits.sum(-1)
-        routing_entropy = np.where(live, visits * binary_entropy(p), 0).sum(-1) / total_live
-        balance = np.where(live, visits * (1 - np.abs(2 * p - 1)), 0).sum(-1) / total_live
         leaf_entropy = entropy_bits(leaves)
-        dead_nodes = (~live).sum(-1)
-        frozen = (live & (np.minimum(p, 1 - p) < epsilon)).sum(-1)
         dead_leaves = (leaves == 0).sum(-1)
         if layer.variant == "leaf_mlp":
             static = dead_leaves / 2**d
@@ -142,15 +152,11 @@ def depth_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, epsilon
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("routing_entropy", "balance", "dead_fraction", "frozen_fraction")}
     for level in range(layer.depth):
         lo, hi = 2**level - 1, 2 ** (level + 1) - 1
-        sub = {**counts, "node_visits": counts["node_visits"][..., lo:hi], "node_right": counts["node_right"][..., lo:hi]}
-        v, r = sub["node_visits"].astype(np.float64), sub["node_right"].astype(np.float64)
-        live = v > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            p = np.where(live, r / v, np.nan)
-            out["routing_entropy"].append(np.where(live, v * binary_entropy(p), 0).sum(-1) / v.sum(-1))
-            out["balance"].append(np.where(live, v * (1 - np.abs(2 * p - 1)), 0).sum(-1) / v.sum(-1))
-        out["dead_fraction"].append((~live).mean(-1))
-        out["frozen_fraction"].append((live & (np.minimum(p, 1 - p) < epsilon)).mean(-1))
+        split = _split_metrics(counts["node_visits"][..., lo:hi], counts["node_right"][..., lo:hi], epsilon)
+        out["routing_entropy"].append(split["routing_entropy"])
+        out["balance"].append(split["balance"])
+        out["dead_fraction"].append(split["dead"] / (hi - lo))
+        out["frozen_fraction"].append(split["frozen"] / (hi - lo))
     return {k: np.stack(v, axis=-1) if v else np.zeros(counts["tokens"].shape + (layer.trees, 0)) for k, v in out.items()}
 
 

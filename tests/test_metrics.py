@@ -86,6 +86,10 @@ def test_right_subtree_never_visited(tmp_path: Path, depth: int) -> None:
     assert s["effective_leaves"] == pytest.approx(2 ** (d - 1))
     assert s["static_fraction"] == pytest.approx((2 ** (d - 1) - 1 + 2 ** (d - 1)) / (2 ** (d + 1) - 1))
     assert s["leaf_gini"] == pytest.approx(0.5)
+    per_depth = metrics.summarize(routescope.open(tmp_path / "r.h5"))
+    np.testing.assert_allclose(per_depth["depth_frozen_fraction"].values[0], [1] + [0] * (d - 1))
+    np.testing.assert_allclose(per_depth["depth_dead_fraction"].values[0], [0] + [0.5] * (d - 1))
+    np.testing.assert_allclose(per_depth["depth_routing_entropy"].values[0], [0] + [1] * (d - 1))
 
 
 def test_frozen_root_and_edge_probabilities(tmp_path: Path) -> None:
