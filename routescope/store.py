@@ -318,7 +318,8 @@ def group_dataset(f: h5py.File, group: str = "tree"):
     g = f[group]
     growing = "sample" if group == "traces" else "step"
     live = f.swmr_mode  # opened while written (or after a kill): see the latest flushed rows
-    growing_sets = [d for d in g.values() if _dims_of(d)[:1] == (growing,)]
+    dims_by_name = {name: _dims_of(dset) for name, dset in g.items()}
+    growing_sets = [g[name] for name, dims in dims_by_name.items() if dims[:1] == (growing,)]
     for dset in growing_sets if live else ():
         dset.refresh()
     # Complete rows: those present in every variable. The writer writes the coordinate last, but
@@ -327,7 +328,7 @@ def group_dataset(f: h5py.File, group: str = "tree"):
     coords: dict[str, Any] = {}
     data_vars: dict[str, Any] = {}
     for name, dset in g.items():
-        dims = _dims_of(dset)
+        dims = dims_by_name[name]
         if dims and dims[0] == growing:
             values = dset[:rows] if name == growing else da.from_array(dset, chunks=_read_chunks(dset), lock=True)[:rows]
         else:

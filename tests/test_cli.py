@@ -248,28 +248,15 @@ def test_info_bad_input(tmp_path: Path, debug_run: Path, make, says: str) -> Non
 
 
 @pytest.mark.slow
-def test_dense_baseline(tmp_path: Path) -> None:
-    """A dense model has no routed layers: record still works (losses only) and info says so."""
+@pytest.mark.parametrize("extra", [[], ["--sample-tokens", "0"]], ids=["traces-on", "traces-off"])
+def test_dense_baseline(tmp_path: Path, extra: list[str]) -> None:
+    """A dense model has no routed layers: record still works (losses only) and info says so,
+    with trace sampling on and off (off isolates `info` from the recorder's trace path)."""
     out = tmp_path / "dense.h5"
-    result = run_cli("record", "--config", "shakespeare-dense", "--steps", "3", "--every", "1", "--out", str(out),
-                     "--device", "cpu")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    with h5py.File(out, "r") as f:
-        assert "tree" not in f
-        assert list(f["run/step"][:]) == [1, 2, 3]
-    info = run_cli("info", str(out))
-    assert info.returncode == 0, info.stderr
-    assert "no routed layers" in info.stdout
-
-
-@pytest.mark.slow
-def test_dense_baseline_info_without_traces(tmp_path: Path) -> None:
-    """Same, with trace sampling off (isolates `info` from the recorder's trace path)."""
-    out = tmp_path / "dense.h5"
-    result = run_cli("record", "--config", "shakespeare-dense", "--steps", "3", "--every", "1", "--sample-tokens", "0",
+    result = run_cli("record", "--config", "shakespeare-dense", "--steps", "3", "--every", "1", *extra,
                      "--out", str(out), "--device", "cpu")  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
     with h5py.File(out, "r") as f:
         assert "tree" not in f
         assert list(f["run/step"][:]) == [1, 2, 3]
