@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from routescope.kernels import tree_triton
 from routescope.kernels.tree_reference import (
     ACTIVATIONS,
     TreeRouting,
@@ -24,7 +25,7 @@ from routescope.kernels.tree_reference import (
 
 VARIANTS = ("neuron", "leaf_mlp")
 PLACEMENTS = ("node", "output")
-BACKENDS = ("torch", "auto")
+BACKENDS = ("torch", "triton", "auto")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class TreeFFN(nn.Module):
         bias: bool = True,
         backend: str = "torch",
     ) -> None:
+        """backend: "torch" (the reference), "triton" (the fused kernels; neuron variant) or "auto"
+        (Triton on CUDA tensors when the variant is "neuron", the reference elsewhere)."""
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -84,10 +87,12 @@ class TreeFFN(nn.Module):
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         if variant == "leaf_mlp" and placement != "node":
             raise ValueError("placement='output' applies to the neuron variant only")
-        if backend == "triton":
-            raise ValueError("backend='triton' is not available yet; use 'torch' or 'auto'")
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS + ('triton',)}, got {backend!r}")
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton" and variant != "neuron":
+            raise ValueError("backend='triton' covers variant='neuron' only; leaf_mlp runs on backend='torch' or 'auto'")
+        if backend == "triton" and not tree_triton.available():
+            raise ValueError("backend='triton' needs the triton package (pip install triton); use 'torch' or 'auto'")
         if min(d_in, d_out, trees) < 1 or depth < 0:
             raise ValueError("d_in, d_out and trees must be >= 1 and depth >= 0")
         if variant == "leaf_mlp" and (leaf_width is None or leaf_width < 1):
@@ -160,17 +165,38 @@ class TreeFFN(nn.Module):
             s.depth, s.activation, path,
         )  # fmt: skip
 
+    def uses_triton(self, x: Tensor) -> bool:
+        """Whether a forward on `x` runs the Triton kernels: always for "triton", on CUDA for "auto"."""
+        if self.backend == "triton":
+            return True
+        return (
+            self.backend == "auto" and self.spec.variant == "neuron" and x.is_cuda and tree_triton.available()
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         """x (..., d_in) -> y (..., d_out); updates the accumulators when recording."""
-        if x.shape[-1] != self.spec.d_in:
-            raise ValueError(f"TreeFFN expects inputs of shape (..., {self.spec.d_in}), got {tuple(x.shape)}")
+        s = self.spec
+        if x.shape[-1] != s.d_in:
+            raise ValueError(f"TreeFFN expects inputs of shape (..., {s.d_in}), got {tuple(x.shape)}")
         leading = x.shape[:-1]
-        y, routing = self.route_and_compute(x.reshape(-1, self.spec.d_in))
-        if self.recording and (self.training or self.record_eval):
-            accumulate_tree_stats(self.routing_stats(), routing, self.spec.depth)
+        flat = x.reshape(-1, s.d_in)
+        record = self.recording and (self.training or self.record_eval)
+        if self.uses_triton(x):
+            if torch.is_autocast_enabled(x.device.type):  # run the kernel in the autocast dtype
+                flat = flat.to(torch.get_autocast_dtype(x.device.type))
+            stats = self.routing_stats() if record else None
+            y, leaf, z = tree_triton.tree_ffn(flat, self.w, self.b, self.u, s.depth, s.activation, s.placement, stats)
+            if record and self.trace_next:
+                act = ACTIVATIONS[s.activation]
+                fired = (act(z) if s.placement == "node" else z) != 0
+                self.last_trace = TreeRouting(tree_triton.leaf_to_path(leaf, s.depth), z, fired.long())
+            return y.reshape(*leading, s.d_out)
+        y, routing = self.route_and_compute(flat)
+        if record:
+            accumulate_tree_stats(self.routing_stats(), routing, s.depth)
             if self.trace_next:
                 self.last_trace = TreeRouting(routing.path.detach(), routing.z.detach(), routing.fired)
-        return y.reshape(*leading, self.spec.d_out)
+        return y.reshape(*leading, s.d_out)
 
     def routing_stats(self) -> dict[str, Tensor]:
         """The accumulator buffers by DESIGN.md variable name (`tokens`, `node_visits`, ...)."""

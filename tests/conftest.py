@@ -11,6 +11,13 @@ import h5py
 import numpy as np
 import pytest
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. The variable must be set before
+# triton.jit decorates anything, i.e. before routescope.layers is first imported.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def open_plain(path: str | Path) -> h5py.File:
     """Plain h5py: a closed run opens as is; a run killed while writing needs h5py's SWMR reader."""

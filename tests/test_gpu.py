@@ -59,3 +59,71 @@ def test_recorder_on_cuda(tmp_path: Path) -> None:
     ds = routescope.open(path)
     assert np.all(ds["tokens"].values == 4 * 512)
     assert routescope.open(path, group="traces").sizes["sample"] == 5 * 16
+
+
+# ---- Triton kernels at real shapes (tolerances: METHOD.md's ‖out − ref‖/‖ref‖) ----
+REAL_SHAPES = [
+    # tokens, d_model, depth, trees, activation, placement, dtype, tolerance
+    (16384, 768, 11, 1, "gelu", "node", torch.bfloat16, 1e-2),
+    (8192, 2048, 12, 1, "gelu", "node", torch.bfloat16, 1e-2),
+    (16384, 768, 11, 1, "gelu", "node", torch.float32, 1e-4),
+    (12000, 512, 8, 4, "relu", "output", torch.bfloat16, 1e-2),
+    (4099, 256, 6, 2, "silu", "node", torch.float16, 1e-2),
+]
+
+
+@pytest.mark.parametrize("case", REAL_SHAPES, ids=lambda c: f"n{c[0]}-d{c[1]}-depth{c[2]}-T{c[3]}-{c[4]}-{c[5]}-{str(c[6])[6:]}")
+def test_triton_kernels_at_real_shapes(case: tuple) -> None:
+    from routescope.kernels import tree_triton as tt
+    from routescope.kernels.tree_reference import accumulate_tree_stats, neuron_forward, new_tree_stats
+
+    n, d, depth, trees, activation, placement, dtype, tol = case
+    torch.manual_seed(n + d)
+    units = 2 ** (depth + 1) - 1
+    x = torch.randn(n, d, device="cuda").to(dtype).requires_grad_()
+    w = (torch.randn(trees, units, d, device="cuda") / d**0.5).to(dtype).requires_grad_()
+    b = (0.3 * torch.randn(trees, units, device="cuda")).to(dtype).requires_grad_()
+    u = (torch.randn(trees, units, d, device="cuda") / (trees * (depth + 1)) ** 0.5).to(dtype).requires_grad_()
+    stats = new_tree_stats(trees, depth, device="cuda")
+    y, leaf, z = tt.tree_ffn(x, w, b, u, depth, activation, placement, stats)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, w, b, u], dy)
+    # Reference in float64 on upcast inputs, with the kernel's routing held fixed.
+    params64 = [p.detach().double().requires_grad_() for p in (x, w, b, u)]
+    path = tt.leaf_to_path(leaf, depth)
+    y_ref, routing = neuron_forward(*params64[:3], params64[3], depth, activation, placement, path=path)
+    grads_ref = torch.autograd.grad(y_ref, params64, dy.double())
+
+    def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((a.detach().double() - ref.detach()).norm() / ref.detach().norm())
+
+    assert rel(y, y_ref) < tol
+    for name, g, g_ref in zip("xwbu", grads, grads_ref):
+        assert rel(g, g_ref) < tol, f"d{name}: {rel(g, g_ref):.2e}"
+    # Where the kernel's routing differs from the float64 reference's own, z must be a near-tie.
+    z_ref = routing.z.detach()
+    went_right = path[:, :, 1:] == 2 * path[:, :, :-1] + 2
+    disagree = went_right != (z_ref[:, :, :-1] > 0)
+    near_ties = z_ref[:, :, :-1][disagree].abs()
+    assert near_ties.numel() == 0 or float(near_ties.max()) < 1e-3
+    # Counts: exact against the reference's accumulation of the same routing.
+    expected = new_tree_stats(trees, depth, device="cuda")
+    accumulate_tree_stats(expected, routing._replace(z=z.double()), depth)
+    for name in ("tokens", "node_visits", "node_right", "leaf_visits"):
+        assert torch.equal(stats[name], expected[name]), name
+    for name in ("node_act_sum", "node_act_sqsum", "leaf_act_sum", "leaf_act_sqsum"):
+        assert rel(stats[name], expected[name]) < 1e-5, name
+
+
+def test_layer_auto_backend_uses_triton_and_records() -> None:
+    layer = TreeFFN(256, 256, 8, trees=2, backend="auto").cuda()
+    ref = TreeFFN(256, 256, 8, trees=2, backend="torch").cuda()
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 300, 256, device="cuda")
+    assert layer.uses_triton(x) and not ref.uses_triton(x)
+    for m in (layer, ref):
+        m.recording = True
+        m(x).sum().backward()
+    for name in ("tokens", "node_visits", "node_right", "leaf_visits"):
+        assert torch.equal(layer.routing_stats()[name], ref.routing_stats()[name]), name
+    torch.testing.assert_close(layer.w.grad, ref.w.grad, rtol=1e-3, atol=1e-4)

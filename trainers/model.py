@@ -31,6 +31,7 @@ class GPTConfig:
     activation: str = "gelu"  # the asymmetry of GELU is what drives auto-pruning
     placement: str = "node"  # "node": act per neuron before the path sum; "output": act after it
     bias: bool = True
+    backend: str = "auto"  # TreeFFN backend: Triton kernels on CUDA, the torch reference on CPU
 
 
 class CausalSelfAttention(nn.Module):
@@ -56,6 +57,7 @@ def make_mlp(cfg: GPTConfig) -> nn.Module:
         return TreeFFN(
             cfg.d_model, cfg.d_model, cfg.depth, trees=cfg.trees, variant=cfg.variant, leaf_width=cfg.leaf_width,
             activation=cfg.activation, placement=cfg.placement if cfg.variant == "neuron" else "node", bias=cfg.bias,
+            backend=cfg.backend,
         )  # fmt: skip
     raise ValueError(f"mlp must be 'tree' or 'dense', got {cfg.mlp!r}")
 

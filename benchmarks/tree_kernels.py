@@ -1,0 +1,226 @@
+"""Tree FFN kernels against a dense FFN, side by side in one run, as ratios (needs a CUDA GPU).
+
+    python benchmarks/tree_kernels.py                    # the issue's table (bf16, median times)
+    python benchmarks/tree_kernels.py --sweep            # also the tile / dense-level sweep at 16k tokens
+    python benchmarks/tree_kernels.py --quick            # fewer sizes, for a smoke run
+
+Rows per (d_model, depth, tokens): dense FFN d→4d→d (cuBLAS through F.linear; at ≤ 1024 tokens the
+faster of eager and CUDA-graph replay is kept, for dense and for our forward alike), the torch reference (`neuron_forward`),
+fastfeedforward 0.2.1's eval_forward (a leaf-MLP FFF of the same depth, leaf width 1; where
+installed), and our kernel with and without recording. The bytes floor is the fewest bytes the
+tree must move (x read, y written, each weight row it touches read once; the backward also reads
+dy and writes dx and the touched gradient rows) over the copy bandwidth measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from routescope.kernels import tree_triton as tt  # noqa: E402
+from routescope.kernels.tree_reference import neuron_forward, new_tree_stats  # noqa: E402
+
+DTYPE = torch.bfloat16
+SHAPES = [(768, 11), (2048, 12)]
+TOKENS = [1, 32, 1024, 16384, 65536]
+
+
+def bench(fn: Callable[[], object], rep_ms: int = 200) -> float:
+    """Median milliseconds of `fn` (events; Triton's do_bench flushes L2 between calls)."""
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """Capture `fn` in a CUDA graph (after a warm-up on a side stream) and return its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/ms (bytes read + written), 1 GiB buffers."""
+    src = torch.empty(2**29, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), rep_ms=300)
+    return 2 * src.numel() * src.element_size() / ms
+
+
+def floors(n: int, d: int, depth: int, bw: float) -> tuple[float, float]:
+    """(forward, forward+backward) bytes floor in ms at copy bandwidth `bw`."""
+    item = torch.finfo(DTYPE).bits // 8
+    rows = min(2 ** (depth + 1) - 1, n * (depth + 1))  # weight rows the batch touches
+    io = n * d * item  # x, or y, or dy, or dx
+    weights = rows * 2 * d * item  # rows of w and of u
+    fwd = 2 * io + weights
+    bwd = 3 * io + 2 * weights  # read x, dy, w, u; write dx, dw, du rows
+    return fwd / bw, (fwd + bwd) / bw
+
+
+def tree_params(d: int, depth: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+    units = 2 ** (depth + 1) - 1
+    w = (torch.randn(1, units, d, device="cuda") / d**0.5).to(DTYPE).requires_grad_(requires_grad)
+    b = (0.1 * torch.randn(1, units, device="cuda")).to(DTYPE).requires_grad_(requires_grad)
+    u = (torch.randn(1, units, d, device="cuda") / (depth + 1) ** 0.5).to(DTYPE).requires_grad_(requires_grad)
+    return w, b, u
+
+
+def time_row(n: int, d: int, depth: int, bw: float, with_fff: bool, cfg: tt.KernelConfig | None) -> dict:
+    """All variants at one size; returns ms per variant (forward and forward+backward)."""
+    torch.manual_seed(0)
+    out: dict[str, float | None] = {}
+    x = torch.randn(n, d, device="cuda", dtype=DTYPE)
+    xg = x.clone().requires_grad_()
+    dy = torch.randn(n, d, device="cuda", dtype=DTYPE)
+    # Dense d -> 4d -> d.
+    w1 = (torch.randn(4 * d, d, device="cuda") / d**0.5).to(DTYPE).requires_grad_()
+    b1 = torch.zeros(4 * d, device="cuda", dtype=DTYPE, requires_grad=True)
+    w2 = (torch.randn(d, 4 * d, device="cuda") / (4 * d) ** 0.5).to(DTYPE).requires_grad_()
+    b2 = torch.zeros(d, device="cuda", dtype=DTYPE, requires_grad=True)
+
+    def dense() -> torch.Tensor:
+        return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+    def dense_fb() -> None:
+        y = F.linear(F.gelu(F.linear(xg, w1, b1)), w2, b2)
+        torch.autograd.grad(y, [xg, w1, b1, w2, b2], dy)
+
+    with torch.no_grad():
+        out["dense"] = bench(dense)
+        if n <= 1024:
+            out["dense"] = min(out["dense"], bench(graphed(dense)))
+    out["dense_fb"] = bench(dense_fb)
+    del w1, b1, w2, b2
+    # Tree: reference, kernel, kernel + recording.
+    w, b, u = tree_params(d, depth, requires_grad=True)
+    stats = new_tree_stats(1, depth, device="cuda")
+    with torch.no_grad():
+        out["reference"] = bench(lambda: neuron_forward(x, w, b, u, depth))
+        kernel = lambda: tt.tree_forward(x, w, b, u, depth, config=cfg)  # noqa: E731
+        kernel_rec = lambda: tt.tree_forward(x, w, b, u, depth, stats=stats, config=cfg)  # noqa: E731
+        out["kernel"], out["kernel_rec"] = bench(kernel), bench(kernel_rec)
+        if n <= 1024:  # small batches are launch-bound: compare graph replays, as for dense
+            out["kernel"] = min(out["kernel"], bench(graphed(kernel)))
+            out["kernel_rec"] = min(out["kernel_rec"], bench(graphed(kernel_rec)))
+
+    def reference_fb() -> None:
+        y, _ = neuron_forward(xg, w, b, u, depth)
+        torch.autograd.grad(y, [xg, w, b, u], dy)
+
+    def kernel_fb(record: bool) -> Callable[[], None]:
+        def run() -> None:
+            y, _, _ = tt.tree_ffn(xg, w, b, u, depth, "gelu", "node", stats if record else None, cfg)
+            torch.autograd.grad(y, [xg, w, b, u], dy)
+
+        return run
+
+    out["reference_fb"] = bench(reference_fb)
+    out["kernel_fb"] = bench(kernel_fb(False))
+    out["kernel_rec_fb"] = bench(kernel_fb(True))
+    out["fff"] = None
+    if with_fff and n <= 16384:
+        from fastfeedforward import FFF
+
+        fff = FFF(d, 1, d, depth).cuda().to(DTYPE).eval()
+        with torch.no_grad():
+            out["fff"] = bench(lambda: fff(x), rep_ms=50)
+    out["floor"], out["floor_fb"] = floors(n, d, depth, bw)
+    return out
+
+
+SWEEP = [  # block_m, block_k (= block_o), dense_levels, num_warps, x_in_registers
+    (16, 64, 0, 4, False), (16, 64, 0, 4, True), (16, 64, 0, 8, True), (32, 64, 0, 8, True),
+    (32, 64, 0, 4, False), (32, 128, 0, 8, False), (64, 64, 0, 4, False), (64, 128, 0, 8, False),
+    (32, 64, 4, 4, False), (16, 128, 0, 4, False),
+]
+
+
+def sweep(console: Console) -> list[dict]:
+    """Forward, forward with recording, and backward alone at 16k tokens for each tile choice."""
+    rows = []
+    for d, depth in SHAPES:
+        n = 16384
+        x = torch.randn(n, d, device="cuda", dtype=DTYPE)
+        dy = torch.randn_like(x)
+        w, b, u = tree_params(d, depth, requires_grad=False)
+        stats = new_tree_stats(1, depth, device="cuda")
+        for bm, bk, dl, nw, xreg in SWEEP:
+            cfg = tt.KernelConfig(bm, bk, bk, dl, nw, x_in_registers=xreg)
+            with torch.no_grad():
+                fwd = bench(lambda: tt.tree_forward(x, w, b, u, depth, config=cfg))
+                rec = bench(lambda: tt.tree_forward(x, w, b, u, depth, stats=stats, config=cfg))
+                _, leaf, z, _ = tt.tree_forward(x, w, b, u, depth, config=cfg)
+                bwd = bench(lambda: tt.tree_backward(dy, x, w, u, leaf, z, None, depth, config=cfg))
+            row = {"d": d, "depth": depth, **cfg.__dict__, "fwd": fwd, "fwd_rec": rec, "bwd": bwd}
+            rows.append(row)
+            console.print(f"d={d} depth={depth} bm={bm} bk={bk} dense={dl} warps={nw} xreg={xreg}: "
+                          f"fwd {fwd:.4f}  rec {rec:.4f} ({rec / fwd - 1:+.0%})  bwd {bwd:.4f} ms")  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="also sweep tiles and dense levels at 16k tokens")
+    parser.add_argument("--quick", action="store_true", help="tokens 32 and 16384 only")
+    parser.add_argument("--no-fff", action="store_true", help="skip fastfeedforward (slow: a Python loop)")
+    parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/tree_kernels.py needs a CUDA GPU")
+    console = Console(width=200)
+    bw = copy_bandwidth()
+    device = torch.cuda.get_device_name()
+    console.print(f"{device}, torch {torch.__version__}, triton {triton.__version__}; copy bandwidth {bw / 1e9:.2f} TB/s")
+    results: dict = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "copy_tb_s": bw / 1e9}
+    if args.sweep:
+        results["sweep"] = sweep(console)
+    try:
+        import fastfeedforward  # noqa: F401
+
+        with_fff = not args.no_fff
+    except ImportError:
+        with_fff = False
+    rows = []
+    for d, depth in SHAPES:
+        for n in [32, 16384] if args.quick else TOKENS:
+            row = {"d": d, "depth": depth, "tokens": n, **time_row(n, d, depth, bw, with_fff, None)}
+            rows.append(row)
+    results["table"] = rows
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    for title, suffix in (("forward", ""), ("forward + backward", "_fb")):
+        table = Table(title=f"Tree FFN {title}, {device}, bf16, median ms (ratios: dense / variant; kernel / floor)")
+        for name in ("d, depth", "tokens", "dense", "reference", "fff eval", "kernel", "kernel+rec",
+                     "rec cost", "floor", "dense/kernel", "kernel/floor"):  # fmt: skip
+            table.add_column(name, justify="right")
+        for r in rows:
+            k, kr, dn, fl = r["kernel" + suffix], r["kernel_rec" + suffix], r["dense" + suffix], r["floor" + suffix]
+            fff = r.get("fff") if not suffix else None
+            table.add_row(
+                f"{r['d']}, {r['depth']}", str(r["tokens"]), f"{dn:.4f}", f"{r['reference' + suffix]:.4f}",
+                f"{fff:.2f}" if fff is not None else "-", f"{k:.4f}", f"{kr:.4f}", f"{kr / k - 1:+.1%}",
+                f"{fl:.4f}", f"{dn / k:.1f}x", f"{k / fl:.1f}x",
+            )  # fmt: skip
+        console.print(table)
+    console.print("do_bench medians, L2 flushed before each call; ≤ 1024 tokens: min(eager, CUDA graph) forwards")
+
+
+if __name__ == "__main__":
+    main()
