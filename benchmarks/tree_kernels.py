@@ -34,6 +34,7 @@ from routescope.kernels.tree_reference import neuron_forward, new_tree_stats  # 
 DTYPE = torch.bfloat16
 SHAPES = [(768, 11), (2048, 12)]
 TOKENS = [1, 32, 1024, 16384, 65536]
+FFF_MAX_TOKENS = 1024  # fastfeedforward's eval is a Python loop: ~2 s a call at 16k tokens
 
 
 def bench(fn: Callable[[], object], rep_ms: int = 200) -> float:
@@ -135,7 +136,7 @@ def time_row(n: int, d: int, depth: int, bw: float, with_fff: bool, cfg: tt.Kern
     out["kernel_fb"] = bench(kernel_fb(False))
     out["kernel_rec_fb"] = bench(kernel_fb(True))
     out["fff"] = None
-    if with_fff and n <= 16384:
+    if with_fff and n <= FFF_MAX_TOKENS:
         from fastfeedforward import FFF
 
         fff = FFF(d, 1, d, depth).cuda().to(DTYPE).eval()

@@ -56,7 +56,7 @@ def interpreting() -> bool:
 class KernelConfig:
     """Tile sizes of one launch: BM tokens per program, BK/BO chunk of d_in/d_out, dense top levels."""
 
-    block_m: int = 32
+    block_m: int = 16
     block_k: int = 64
     block_o: int = 64
     dense_levels: int = 0  # decision levels computed as dense dots (capped by depth); 0 = all gathered
@@ -65,11 +65,15 @@ class KernelConfig:
     stat_width: int = 16  # levels of at most this many nodes add their statistics once per block
 
 
-def default_config(d_in: int, d_out: int, depth: int) -> KernelConfig:
-    """Tiles for the GPU (chosen from benchmarks/tree_kernels.py), small ones in the interpreter."""
+def default_config(d_in: int, d_out: int, depth: int, backward: bool = False) -> KernelConfig:
+    """Tiles for the GPU (best of `benchmarks/tree_kernels.py --sweep` on an H100), small ones in the interpreter."""
     if interpreting():
         return KernelConfig(block_m=16, block_k=16, block_o=16, dense_levels=2, num_warps=1)
-    return KernelConfig()
+    if backward:
+        return KernelConfig(block_m=16, block_k=128, block_o=128) if d_in < 1536 else KernelConfig(block_m=16)
+    if d_in < 1536:
+        return KernelConfig(block_m=16, block_k=64, block_o=64)
+    return KernelConfig(block_m=32, block_k=128, block_o=128, num_warps=8)
 
 
 if triton is not None:
@@ -176,7 +180,7 @@ if triton is not None:
         if RECORD:
             if pid == 0:
                 first = tl.arange(0, 1)
-                tl.atomic_add(tok_ptr + first, tl.zeros((1,), dtype=tl.int64) + n)
+                tl.atomic_add(tok_ptr + first, tl.zeros((1,), dtype=tl.int64) + n, sem="relaxed")
         # ---- phase 1: routing, per tree; z of every path unit goes to z_ptr (n, T, DEPTH+1) ----
         for t in range(T):
             w_t = w_ptr + t * NUNIT * D
@@ -206,12 +210,12 @@ if triton is not None:
                         fired = _act(zz, ACT) != 0.0
                     top_mask = col < NTOP
                     stat = t * NNODE + col
-                    tl.atomic_add(nv_ptr + stat, tl.sum(hit.to(tl.int32), axis=0).to(tl.int64), mask=top_mask)
-                    tl.atomic_add(nr_ptr + stat, tl.sum((hit & (zz > 0.0)).to(tl.int32), axis=0).to(tl.int64), mask=top_mask)
-                    tl.atomic_add(nf_ptr + stat, tl.sum((hit & fired).to(tl.int32), axis=0).to(tl.int64), mask=top_mask)
+                    tl.atomic_add(nv_ptr + stat, tl.sum(hit.to(tl.int32), axis=0).to(tl.int64), mask=top_mask, sem="relaxed")
+                    tl.atomic_add(nr_ptr + stat, tl.sum((hit & (zz > 0.0)).to(tl.int32), axis=0).to(tl.int64), mask=top_mask, sem="relaxed")
+                    tl.atomic_add(nf_ptr + stat, tl.sum((hit & fired).to(tl.int32), axis=0).to(tl.int64), mask=top_mask, sem="relaxed")
                     zhit = tl.where(hit, zz, 0.0)
-                    tl.atomic_add(nas_ptr + stat, tl.sum(zhit, axis=0).to(tl.float64), mask=top_mask)
-                    tl.atomic_add(naq_ptr + stat, tl.sum(zhit * zhit, axis=0).to(tl.float64), mask=top_mask)
+                    tl.atomic_add(nas_ptr + stat, tl.sum(zhit, axis=0).to(tl.float64), mask=top_mask, sem="relaxed")
+                    tl.atomic_add(naq_ptr + stat, tl.sum(zhit * zhit, axis=0).to(tl.float64), mask=top_mask, sem="relaxed")
             for level in tl.static_range(TOP, DEPTH + 1):
                 z = tl.zeros((BM,), dtype=tl.float32)
                 wrow = w_t + idx.to(tl.int64) * D
@@ -241,24 +245,24 @@ if triton is not None:
                         stat = t * NNODE + first + scol
                         smask = scol < (1 << level)
                         zhit = tl.where(hit, z[:, None], 0.0)
-                        tl.atomic_add(nv_ptr + stat, tl.sum(hit.to(tl.int32), axis=0).to(tl.int64), mask=smask)
-                        tl.atomic_add(nr_ptr + stat, tl.sum((hit & (z > 0.0)[:, None]).to(tl.int32), axis=0).to(tl.int64), mask=smask)
-                        tl.atomic_add(nf_ptr + stat, tl.sum(tl.where(hit, fired[:, None], 0), axis=0), mask=smask)
-                        tl.atomic_add(nas_ptr + stat, tl.sum(zhit, axis=0).to(tl.float64), mask=smask)
-                        tl.atomic_add(naq_ptr + stat, tl.sum(zhit * zhit, axis=0).to(tl.float64), mask=smask)
+                        tl.atomic_add(nv_ptr + stat, tl.sum(hit.to(tl.int32), axis=0).to(tl.int64), mask=smask, sem="relaxed")
+                        tl.atomic_add(nr_ptr + stat, tl.sum((hit & (z > 0.0)[:, None]).to(tl.int32), axis=0).to(tl.int64), mask=smask, sem="relaxed")
+                        tl.atomic_add(nf_ptr + stat, tl.sum(tl.where(hit, fired[:, None], 0), axis=0), mask=smask, sem="relaxed")
+                        tl.atomic_add(nas_ptr + stat, tl.sum(zhit, axis=0).to(tl.float64), mask=smask, sem="relaxed")
+                        tl.atomic_add(naq_ptr + stat, tl.sum(zhit * zhit, axis=0).to(tl.float64), mask=smask, sem="relaxed")
                     elif level < DEPTH:
                         stat = t * NNODE + idx
-                        tl.atomic_add(nv_ptr + stat, one, mask=valid)
-                        tl.atomic_add(nr_ptr + stat, (z > 0.0).to(tl.int64), mask=valid)
-                        tl.atomic_add(nf_ptr + stat, fired, mask=valid)
-                        tl.atomic_add(nas_ptr + stat, z.to(tl.float64), mask=valid)
-                        tl.atomic_add(naq_ptr + stat, (z * z).to(tl.float64), mask=valid)
+                        tl.atomic_add(nv_ptr + stat, one, mask=valid, sem="relaxed")
+                        tl.atomic_add(nr_ptr + stat, (z > 0.0).to(tl.int64), mask=valid, sem="relaxed")
+                        tl.atomic_add(nf_ptr + stat, fired, mask=valid, sem="relaxed")
+                        tl.atomic_add(nas_ptr + stat, z.to(tl.float64), mask=valid, sem="relaxed")
+                        tl.atomic_add(naq_ptr + stat, (z * z).to(tl.float64), mask=valid, sem="relaxed")
                     else:
                         stat = t * (NNODE + 1) + idx - NNODE
-                        tl.atomic_add(lv_ptr + stat, one, mask=valid)
-                        tl.atomic_add(lf_ptr + stat, fired, mask=valid)
-                        tl.atomic_add(las_ptr + stat, z.to(tl.float64), mask=valid)
-                        tl.atomic_add(laq_ptr + stat, (z * z).to(tl.float64), mask=valid)
+                        tl.atomic_add(lv_ptr + stat, one, mask=valid, sem="relaxed")
+                        tl.atomic_add(lf_ptr + stat, fired, mask=valid, sem="relaxed")
+                        tl.atomic_add(las_ptr + stat, z.to(tl.float64), mask=valid, sem="relaxed")
+                        tl.atomic_add(laq_ptr + stat, (z * z).to(tl.float64), mask=valid, sem="relaxed")
                 if level < DEPTH:
                     idx = 2 * idx + 1 + (z > 0.0).to(tl.int32)
             tl.store(leaf_ptr + rows * T + t, idx - NNODE, mask=valid)
@@ -354,12 +358,12 @@ if triton is not None:
                 du_run = tl.dot(sel, a[:, None] * dyk, input_precision=DOT_PREC)  # (run, BO)
                 tl.atomic_add(
                     du_t + run_node.to(tl.int64)[:, None] * O + oo[None, :], du_run,
-                    mask=has_run[:, None] & (oo[None, :] < O),
+                    mask=has_run[:, None] & (oo[None, :] < O), sem="relaxed",
                 )  # fmt: skip
             dz = tl.where(valid, _unit_grad(g, z, ACT, PLACE_OUT), 0.0)
             tl.store(dzrow + level, dz, mask=valid)
             if HAS_BIAS:
-                tl.atomic_add(db_ptr + t * NUNIT + run_node, tl.sum(sel * dz[None, :], axis=1), mask=has_run)
+                tl.atomic_add(db_ptr + t * NUNIT + run_node, tl.sum(sel * dz[None, :], axis=1), mask=has_run, sem="relaxed")
         tl.debug_barrier()  # phase B reads dz written by other threads of this program
         # ---- phase B: dx = Σ dz·w, dw += dz·x (summed per run), per chunk of d_in ----
         w_t = w_ptr + t * NUNIT * D
@@ -377,10 +381,10 @@ if triton is not None:
                 dw_run = tl.dot(onehot.to(tl.float32), dz[:, None] * xk, input_precision=DOT_PREC)
                 tl.atomic_add(
                     dw_t + run_node.to(tl.int64)[:, None] * D + kk[None, :], dw_run,
-                    mask=has_run[:, None] & (kk[None, :] < D),
+                    mask=has_run[:, None] & (kk[None, :] < D), sem="relaxed",
                 )  # fmt: skip
             if DX_ATOMIC:  # several trees add into the same rows of dx
-                tl.atomic_add(dx_ptr + rows[:, None] * D + kk[None, :], dxk, mask=m2)
+                tl.atomic_add(dx_ptr + rows[:, None] * D + kk[None, :], dxk, mask=m2, sem="relaxed")
             else:
                 tl.store(dx_ptr + rows[:, None] * D + kk[None, :], dxk.to(dx_ptr.dtype.element_ty), mask=m2)
 
@@ -475,7 +479,7 @@ def tree_backward(
     Tokens are sorted by leaf per tree first (one `torch.sort`), so that the kernel can sum the
     weight-gradient rows of tokens sharing a node before adding them atomically.
     """
-    cfg = config or default_config(x.shape[1], u.shape[2], depth)
+    cfg = config or default_config(x.shape[1], u.shape[2], depth, backward=True)
     n, d_in = x.shape
     trees, units, d_out = u.shape
     dy = dy.contiguous()
