@@ -65,10 +65,22 @@ class KernelConfig:
     stat_width: int = 16  # levels of at most this many nodes add their statistics once per block
 
 
-def default_config(d_in: int, d_out: int, depth: int, backward: bool = False) -> KernelConfig:
-    """Tiles for the GPU (best of `benchmarks/tree_kernels.py --sweep` on an H100), small ones in the interpreter."""
+SMALL_BATCH = 2048  # tokens up to which a launch is latency-bound: whole rows per chunk
+
+
+def default_config(n: int, d_in: int, d_out: int, depth: int, backward: bool = False) -> KernelConfig:
+    """Tiles for the GPU (best of `benchmarks/tree_kernels.py --sweep` on an H100), small ones in the interpreter.
+
+    Small batches are latency-bound (each level waits for the previous level's gather), so they take
+    whole rows per chunk: one round trip per level instead of one per chunk.
+    """
     if interpreting():
         return KernelConfig(block_m=16, block_k=16, block_o=16, dense_levels=2, num_warps=1)
+    if n <= SMALL_BATCH:
+        wide_k, wide_o = min(triton.next_power_of_2(d_in), 1024), min(triton.next_power_of_2(d_out), 512)
+        if backward:
+            return KernelConfig(block_m=16, block_k=min(wide_k, 512), block_o=wide_o, num_warps=8)
+        return KernelConfig(block_m=16, block_k=wide_k, block_o=wide_o, num_warps=8, x_in_registers=d_in <= 1024)
     if backward:
         return KernelConfig(block_m=16, block_k=128, block_o=128) if d_in < 1536 else KernelConfig(block_m=16)
     if d_in < 1536:
@@ -432,7 +444,7 @@ def tree_forward(
     are added into them inside the same kernel.
     """
     _check(x, w, u, depth)
-    cfg = config or default_config(x.shape[1], u.shape[2], depth)
+    cfg = config or default_config(x.shape[0], x.shape[1], u.shape[2], depth)
     x, w, u = x.contiguous(), w.contiguous(), u.contiguous()
     b = b.contiguous() if b is not None else None
     n, d_in = x.shape
@@ -479,7 +491,7 @@ def tree_backward(
     Tokens are sorted by leaf per tree first (one `torch.sort`), so that the kernel can sum the
     weight-gradient rows of tokens sharing a node before adding them atomically.
     """
-    cfg = config or default_config(x.shape[1], u.shape[2], depth, backward=True)
+    cfg = config or default_config(x.shape[0], x.shape[1], u.shape[2], depth, backward=True)
     n, d_in = x.shape
     trees, units, d_out = u.shape
     dy = dy.contiguous()
