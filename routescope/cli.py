@@ -163,6 +163,32 @@ def report(
         console.print(compare_table(reports))
 
 
+@app.command()
+def dash(
+    paths: Annotated[list[Path], typer.Argument(help="Run file(s) to show; only these files are served.")],
+    host: Annotated[str, typer.Option(help="Address to bind; anything but 127.0.0.1 exposes your runs to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8050,
+    interval: Annotated[float, typer.Option(help="Seconds between checks for new intervals (live runs).")] = 2.0,
+) -> None:
+    """Open the interactive dashboard (path usage, the tree, curves, drift, tokens, run comparison) in a browser."""
+    from routescope.dashboards.app import create_app, is_loopback
+
+    if not 1 <= port <= 65535:
+        fail(f"--port must be between 1 and 65535, got {port}")
+    if interval <= 0:
+        fail(f"--interval must be positive, got {interval}")
+    try:
+        app_ = create_app(paths, interval)
+    except RunFileError as err:
+        fail(str(err))
+    if not is_loopback(host):
+        errors.print(f"[bold red]WARNING: serving on {host}: anyone who can reach this machine on port {port} "
+                          "can read these runs (no authentication). Use --host 127.0.0.1 and an SSH tunnel instead.[/]")  # fmt: skip
+    console.print(f"routescope dash: http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/ "
+                  f"({len(paths)} run{'s' if len(paths) > 1 else ''}; Ctrl-C to stop)")  # fmt: skip
+    app_.run(host=host, port=port, debug=False)
+
+
 @app.callback(invoke_without_command=True)
 def _main(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,

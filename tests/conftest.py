@@ -76,3 +76,11 @@ def debug_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("runs") / "debug.h5"
     train(get_preset("debug"), out=path, device="cpu", show_progress=False)
     return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Browser tests (dash[testing]) run headless Chromium: no display here or in CI."""
+    if hasattr(config.option, "headless"):
+        config.option.headless = True
+    if hasattr(config.option, "webdriver"):
+        config.option.webdriver = "Chrome"

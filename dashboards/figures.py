@@ -1,0 +1,284 @@
+"""Figure builders of the dashboard: plain functions from numbers (numpy / xarray) to `go.Figure`.
+
+Nothing here knows about Dash or files, so every view is testable without a browser and usable in a
+notebook. Curves longer than `MAX_POINTS` are binned to the mean of consecutive intervals and the
+figure says so in its title: nothing is subsampled silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+MAX_POINTS = 2000  # curve points per trace before binning
+TEMPLATE = "plotly_white"
+NODE_COLORINGS = {
+    "visits": "tokens that reached the node",
+    "p": "split p_n (share sent right)",
+    "balance": "balance 1 − |2p_n − 1|",
+    "mu": "drift μ_n (mean pre-activation)",
+}
+STATE_NAMES = {0: "running", 1: "finished", 2: "interrupted", 3: "failed"}
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
+    """Paper-ready defaults: white template, labelled axes, compact margins."""
+    fig.update_layout(template=TEMPLATE, title=title, margin=dict(l=60, r=20, t=60, b=50), legend_title_text="")
+    fig.update_xaxes(title_text=x)
+    fig.update_yaxes(title_text=y)
+    return fig
+
+
+def bin_curve(steps: np.ndarray, values: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray, int]:
+    """Mean of `k` consecutive intervals (k ≥ 1 chosen to fit max_points) along axis 0; returns k too."""
+    n = len(steps)
+    k = max(1, -(-n // max_points))
+    if k == 1:
+        return steps, values, 1
+    usable = (n // k) * k
+    tail = values[usable:]
+    binned = np.nanmean(values[:usable].reshape(n // k, k, *values.shape[1:]), axis=1)
+    bsteps = steps[k - 1 : usable : k]
+    if len(tail):  # the last partial bin keeps the newest intervals visible
+        binned = np.concatenate([binned, np.nanmean(tail, axis=0, keepdims=True)])
+        bsteps = np.append(bsteps, steps[-1])
+    return bsteps, binned, k
+
+
+def _binned_note(k: int) -> str:
+    return f" (mean of {k} intervals per point)" if k > 1 else ""
+
+
+# ---- 1. path usage ---------------------------------------------------------------------------------
+
+
+def path_usage(counts: np.ndarray, step: int, layer: int, log: bool = False) -> go.Figure:
+    """Leaf-visit histogram of one layer at one interval: counts (trees, leaves); the uniform level dashed."""
+    counts = np.asarray(counts, dtype=float)
+    trees, leaves = counts.shape
+    fig = go.Figure()
+    for t in range(trees):
+        fig.add_bar(x=np.arange(leaves), y=counts[t], name=f"tree {t}")
+    uniform = counts.sum(axis=1).mean() / leaves if leaves else 0.0
+    if uniform > 0:
+        fig.add_hline(y=uniform, line_dash="dash", line_color="black", annotation_text="uniform")
+    fig.update_layout(barmode="group", bargap=0.05)
+    if log:
+        fig.update_yaxes(type="log")
+    return _layout(fig, f"Path usage: layer {layer}, interval ending at step {step}", "leaf", "tokens")
+
+
+def path_usage_animation(steps: np.ndarray, counts: np.ndarray, layer: int, log: bool = False, max_frames: int = 60) -> go.Figure:
+    """Leaf-visit histograms over training as an animation: counts (step, trees, leaves), one frame per
+    shown interval (at most `max_frames`, evenly spaced, the last interval always included)."""
+    counts = np.asarray(counts, dtype=float)
+    picks = np.unique(np.linspace(0, len(steps) - 1, min(max_frames, len(steps))).round().astype(int))
+    base = path_usage(counts[picks[-1]], int(steps[picks[-1]]), layer, log)
+    frames = []
+    for i in picks:
+        data = [go.Bar(x=np.arange(counts.shape[2]), y=counts[i, t], name=f"tree {t}") for t in range(counts.shape[1])]
+        frames.append(go.Frame(data=data, name=str(int(steps[i])), layout=go.Layout(title_text=f"Path usage: layer {layer}, step {int(steps[i])}")))
+    base.frames = frames
+    slider_steps = [
+        dict(method="animate", label=str(int(steps[i])), args=[[str(int(steps[i]))], dict(mode="immediate", frame=dict(duration=0, redraw=True))])
+        for i in picks
+    ]  # fmt: skip
+    base.update_layout(
+        updatemenus=[dict(type="buttons", showactive=False, x=0, y=-0.15, xanchor="left", buttons=[
+            dict(label="play", method="animate", args=[None, dict(frame=dict(duration=150, redraw=True), fromcurrent=True)]),
+            dict(label="pause", method="animate", args=[[None], dict(mode="immediate", frame=dict(duration=0))]),
+        ])],
+        sliders=[dict(active=len(picks) - 1, steps=slider_steps, x=0.12, len=0.88, y=-0.1, currentvalue=dict(prefix="step "))],
+    )  # fmt: skip
+    return base
+
+
+# ---- 2. the tree ------------------------------------------------------------------------------------
+
+
+def node_states(visits: np.ndarray, right: np.ndarray, epsilon: float = 0.01) -> np.ndarray:
+    """Per decision node: "dead" (no visits), "frozen" (visited, p_n ≤ ε or ≥ 1 − ε) or "" (alive)."""
+    visits = np.asarray(visits, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(visits > 0, right / np.maximum(visits, 1), np.nan)
+    states = np.full(visits.shape, "", dtype=object)
+    states[(visits > 0) & ((p <= epsilon) | (p >= 1 - epsilon))] = "frozen"
+    states[visits == 0] = "dead"
+    return states
+
+
+def tree_icicle(
+    node_visits: np.ndarray,
+    node_right: np.ndarray,
+    node_act_sum: np.ndarray,
+    leaf_visits: np.ndarray,
+    color_by: str = "visits",
+    title: str = "",
+    epsilon: float = 0.01,
+) -> go.Figure:
+    """One tree as an icicle, root on top; every node gets equal width (the structure), colour shows
+    `color_by` (see NODE_COLORINGS); dead and frozen nodes are labelled and outlined; leaves are
+    coloured by their visits. Node ids in clickData are the heap indices as strings ("n5", "leaf3")."""
+    nv, nr = np.asarray(node_visits, dtype=float), np.asarray(node_right, dtype=float)
+    leaves = len(leaf_visits)
+    nodes = leaves - 1
+    depth = int(np.log2(leaves)) if leaves else 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(nv > 0, nr / np.maximum(nv, 1), np.nan)
+        mu = np.where(nv > 0, np.asarray(node_act_sum, dtype=float) / np.maximum(nv, 1), np.nan)
+    metric = {"visits": nv, "p": p, "balance": 1 - np.abs(2 * p - 1), "mu": mu}[color_by]
+    states = node_states(nv, nr, epsilon)
+    ids, parents, values, colors, labels, hover, lines = [], [], [], [], [], [], []
+    for n in range(nodes):
+        level = int(np.floor(np.log2(n + 1)))
+        ids.append(f"n{n}")
+        parents.append("" if n == 0 else f"n{(n - 1) // 2}")
+        values.append(2 ** (depth - level))
+        colors.append(metric[n])
+        labels.append(f"{n}" + (f" {states[n]}" if states[n] else ""))
+        hover.append(f"node {n}, depth {level}<br>visits {nv[n]:.0f}<br>p_n {p[n]:.3f}<br>μ_n {mu[n]:.3f}<br>{states[n] or 'alive'}")
+        lines.append("crimson" if states[n] == "dead" else "royalblue" if states[n] == "frozen" else "white")
+    lv = np.asarray(leaf_visits, dtype=float)
+    for j in range(leaves):
+        parent = (nodes + j - 1) // 2 if nodes else None
+        ids.append(f"leaf{j}")
+        parents.append(f"n{parent}" if parent is not None else "")
+        values.append(1)
+        colors.append(lv[j] if color_by == "visits" else np.nan)
+        dead = lv[j] == 0
+        labels.append(f"leaf {j}" + (" dead" if dead else ""))
+        hover.append(f"leaf {j}<br>visits {lv[j]:.0f}" + ("<br>dead" if dead else ""))
+        lines.append("crimson" if dead else "white")
+    fig = go.Figure(
+        go.Icicle(
+            ids=ids, labels=labels, parents=parents, values=values, branchvalues="total", text=labels, textinfo="label",
+            hovertext=hover, hoverinfo="text", tiling=dict(orientation="v"), sort=False,
+            marker=dict(colors=colors, colorscale="Viridis", showscale=True, line=dict(color=lines, width=2),
+                        colorbar=dict(title=dict(text=color_by))),
+        )
+    )  # fmt: skip
+    fig.update_layout(template=TEMPLATE, title=title or f"Tree coloured by {NODE_COLORINGS[color_by]}", margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
+# ---- 3. curves over training ----------------------------------------------------------------------
+
+
+def metric_heatmap(steps: np.ndarray, values: np.ndarray, metric: str) -> go.Figure:
+    """One metric as a (layer × step) heatmap: values (step, layer)."""
+    bsteps, binned, k = bin_curve(np.asarray(steps), np.asarray(values, dtype=float))
+    fig = go.Figure(go.Heatmap(x=bsteps, y=np.arange(binned.shape[1]), z=binned.T, colorscale="Viridis", colorbar=dict(title=dict(text=metric))))
+    return _layout(fig, f"{metric} per layer{_binned_note(k)}", "step", "layer")
+
+
+def metric_lines(
+    steps: np.ndarray,
+    values: np.ndarray,
+    metric: str,
+    layers: Sequence[int],
+    loss: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> go.Figure:
+    """Lines of one metric for chosen layers, with the run's loss curves in a second panel."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(metric, "loss"), horizontal_spacing=0.1)
+    bsteps, binned, k = bin_curve(np.asarray(steps), np.asarray(values, dtype=float))
+    for layer in layers:
+        fig.add_scatter(x=bsteps, y=binned[:, layer], mode="lines", name=f"layer {layer}", row=1, col=1)
+    for name, (lsteps, lvals) in (loss or {}).items():
+        ok = np.isfinite(lvals)
+        if ok.any():
+            fig.add_scatter(x=lsteps[ok], y=lvals[ok], mode="lines+markers" if ok.sum() < 50 else "lines", name=name, row=1, col=2)
+    _layout(fig, f"{metric} over training{_binned_note(k)}", "step", "")
+    fig.update_yaxes(title_text=metric, row=1, col=1)
+    fig.update_yaxes(title_text="cross-entropy (nats)", row=1, col=2)
+    return fig
+
+
+# ---- 4. node drift ----------------------------------------------------------------------------------
+
+
+def drift_figure(
+    steps: np.ndarray,
+    mu: np.ndarray,
+    nodes: Sequence[int],
+    layer: int,
+    tree: int,
+    events: pd.DataFrame | None = None,
+    warnings: pd.DataFrame | None = None,
+) -> go.Figure:
+    """μ_n over training for chosen nodes: mu (step, node); deaths/freezes (×) and early warnings (▲)."""
+    fig = go.Figure()
+    bsteps, binned, k = bin_curve(np.asarray(steps), np.asarray(mu, dtype=float))
+    for n in nodes:
+        fig.add_scatter(x=bsteps, y=binned[:, n], mode="lines", name=f"node {n}")
+    marks = [(events, "x", "died/froze"), (warnings, "triangle-up", "early warning")]
+    for frame, symbol, label in marks:
+        if frame is None or frame.empty:
+            continue
+        sel = frame[(frame["layer"] == layer) & (frame["tree"] == tree) & frame["node"].isin(list(nodes))]
+        if sel.empty:
+            continue
+        step_index = np.searchsorted(steps, sel["step"].to_numpy()).clip(0, len(steps) - 1)
+        y = [mu[i, n] if np.isfinite(mu[i, n]) else 0.0 for i, n in zip(step_index, sel["node"])]
+        fig.add_scatter(
+            x=sel["step"], y=y, mode="markers", name=label, marker=dict(symbol=symbol, size=11, color="crimson" if symbol == "x" else "orange"),
+            text=[f"node {n}: {k}" for n, k in zip(sel["node"], sel["kind"] if "kind" in sel else [label] * len(sel))], hoverinfo="text+x",
+        )  # fmt: skip
+    fig.add_hline(y=0, line_color="gray", line_width=1)
+    return _layout(fig, f"Node drift μ_n, layer {layer} tree {tree}{_binned_note(k)}", "step", "μ_n (mean pre-activation)")
+
+
+# ---- 5. tokens ----------------------------------------------------------------------------------------
+
+
+def decode_context(ids: np.ndarray) -> str:
+    """Byte ids (−1 = before the sequence start) to printable text; other tokenizers show ids."""
+    ids = [int(i) for i in ids if i >= 0]
+    if all(i < 256 for i in ids):
+        return bytes(ids).decode("utf-8", errors="replace").replace("\n", "⏎")
+    return " ".join(map(str, ids))
+
+
+def token_paths(leaves: np.ndarray, labels: Sequence[str], tree: int = 0) -> go.Figure:
+    """Paths of sampled tokens through the layers as parallel categories: leaves (tokens, layers)."""
+    leaves = np.asarray(leaves)
+    dims = [dict(label=f"layer {layer}", values=leaves[:, layer]) for layer in range(leaves.shape[1])]
+    fig = go.Figure(go.Parcats(dimensions=dims, line=dict(color=leaves[:, 0], colorscale="Viridis"), hoveron="color"))
+    fig.update_layout(template=TEMPLATE, title=f"Leaf per layer (tree {tree}) of {len(labels)} sampled tokens", margin=dict(l=40, r=40, t=60, b=30))
+    return fig
+
+
+# ---- 6. compare runs -------------------------------------------------------------------------------
+
+
+def compare_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], metric: str, groups: Mapping[str, str] | None = None) -> go.Figure:
+    """Several runs' curves on the same axes: curves {run label: (steps, values)}; runs mapped to the same
+    group (e.g. seeds of one configuration) are drawn as the mean with a min–max band."""
+    groups = groups or {label: label for label in curves}
+    fig = go.Figure()
+    members: dict[str, list[str]] = {}
+    for label in curves:
+        members.setdefault(groups.get(label, label), []).append(label)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    note = ""
+    for i, (group, labels) in enumerate(members.items()):
+        color = palette[i % len(palette)]
+        if len(labels) == 1:
+            steps, values = curves[labels[0]]
+            bsteps, binned, k = bin_curve(steps, values)
+            note = note or _binned_note(k)
+            fig.add_scatter(x=bsteps, y=binned, mode="lines", name=group, line=dict(color=color))
+            continue
+        n = min(len(curves[lab][0]) for lab in labels)  # common steps of the group
+        steps = curves[labels[0]][0][:n]
+        stack = np.stack([curves[lab][1][:n] for lab in labels])
+        bsteps, binned, k = bin_curve(steps, stack.T)
+        note = note or _binned_note(k)
+        lo, hi, mean = binned.min(axis=1), binned.max(axis=1), binned.mean(axis=1)
+        fig.add_scatter(x=np.concatenate([bsteps, bsteps[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
+                        fillcolor=color, opacity=0.2, line=dict(width=0), name=f"{group} (min–max of {len(labels)})", hoverinfo="skip")  # fmt: skip
+        fig.add_scatter(x=bsteps, y=mean, mode="lines", name=f"{group} (mean of {len(labels)})", line=dict(color=color))
+    return _layout(fig, f"{metric}: runs compared{note}", "step", metric)

@@ -1,0 +1,212 @@
+"""The run files a dashboard serves: opened lazily, re-opened when they grow, with cached curves.
+
+A `RunSource` is the only place the dashboard touches a file. Everything expensive over the whole
+run (per-interval metric curves, μ_n of one tree, pruning events) is computed once and extended
+incrementally as new intervals arrive, so callbacks stay fast on long runs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from routescope import events as rs_events
+from routescope import metrics as rs_metrics
+from routescope.store import RunFileError, group_dataset, open_h5
+
+
+@dataclass
+class _Cache:
+    """Per-file caches, valid for `steps` intervals; extended, never recomputed from scratch."""
+
+    steps: int = 0
+    curves: dict[str, np.ndarray] = field(default_factory=dict)  # metric -> (step, layer)
+    mu: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (layer, tree) -> (step, node)
+    events: pd.DataFrame | None = None
+    events_steps: int = -1
+
+
+class RunSource:
+    """One run file: its groups as lazy xarray Datasets, its state, and cached curves."""
+
+    def __init__(self, path: str | Path, label: str) -> None:
+        self.path = Path(path)
+        self.label = label
+        self._lock = threading.RLock()  # Dash may run callbacks in threads
+        self._file = None
+        self._signature: tuple[float, int] | None = None
+        self.tree: xr.Dataset | None = None
+        self.run: xr.Dataset | None = None
+        self.traces: xr.Dataset | None = None
+        self._cache = _Cache()
+        self.reopen_count = 0
+        self.refresh(force=True)
+
+    # ---- file access ----
+    def _file_signature(self) -> tuple[float, int]:
+        st = self.path.stat()
+        return st.st_mtime, st.st_size
+
+    def refresh(self, force: bool = False) -> bool:
+        """Re-open the file if it changed on disk; True when there are new intervals (or on first open).
+
+        Re-opening after each flush works both with SWMR (local disks) and without it (network
+        filesystems, where SWMR does not work), so live following needs no special mode.
+        """
+        with self._lock:
+            try:
+                signature = self._file_signature()
+            except OSError as err:
+                raise RunFileError(f"{self.path}: {err.strerror or err}; was the file moved or deleted?") from None
+            if not force and signature == self._signature:
+                return False
+            before = self.n_steps if self.tree is not None or self.run is not None else -1
+            old = self._file
+            f = open_h5(self.path)
+            self.tree = group_dataset(f, "tree") if "tree" in f else None
+            self.run = group_dataset(f, "run") if "run" in f else None
+            self.traces = group_dataset(f, "traces") if "traces" in f and "sample" in f["traces"] else None
+            self._file, self._signature = f, signature
+            self.reopen_count += 1
+            if old is not None:
+                old.close()
+            return self.n_steps != before
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    # ---- basic facts ----
+    @property
+    def state(self) -> str:
+        """running / finished / interrupted / failed, as the file says."""
+        ds = self.tree if self.tree is not None else self.run
+        return str(ds.attrs.get("run_state", "unknown")) if ds is not None else "unknown"
+
+    @property
+    def steps(self) -> np.ndarray:
+        if self.tree is not None:
+            return self.tree["step"].values
+        return self.run["step"].values if self.run is not None else np.zeros(0, dtype=np.int64)
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def layers(self) -> list[rs_metrics.LayerInfo]:
+        return rs_metrics.layer_infos(self.tree) if self.tree is not None else []
+
+    @property
+    def config(self) -> dict[str, Any]:
+        ds = self.tree if self.tree is not None else self.run
+        try:
+            return json.loads(ds.attrs.get("config", "{}")) if ds is not None else {}
+        except json.JSONDecodeError:
+            return {}
+
+    # ---- one interval ----
+    def interval(self, index: int, layer: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Variables of one layer at one interval (by position), read lazily: {name: (tree, ...)}."""
+        with self._lock:
+            info = self.layers[layer]
+            out = {}
+            for name in names:
+                width = 2**info.depth - 1 if name.startswith("node_") else 2**info.depth
+                out[name] = self.tree[name][index, layer, : info.trees, :width].values
+            return out
+
+    # ---- cached curves ----
+    def curves(self) -> dict[str, np.ndarray]:
+        """Per-interval metrics (DESIGN.md names) as {metric: (step, layer)}, extended incrementally."""
+        with self._lock:
+            cache, n = self._cache, self.n_steps
+            if self.tree is None or n == cache.steps:
+                return cache.curves
+            new = rs_metrics.timeseries(self.tree.isel(step=slice(cache.steps, n)), rolling=1)
+            for name in rs_metrics.TREE_METRICS:
+                block = new[name].values
+                cache.curves[name] = block if name not in cache.curves else np.concatenate([cache.curves[name], block])
+            cache.steps = n
+            self._trim_mu()
+            return cache.curves
+
+    def mu(self, layer: int, tree: int) -> np.ndarray:
+        """μ_n per interval for one tree, (step, node); NaN where a node got no tokens. Cached."""
+        with self._lock:
+            info = self.layers[layer]
+            nodes = 2**info.depth - 1
+            have = self._cache.mu.get((layer, tree))
+            done = 0 if have is None else len(have)
+            if done < self.n_steps:
+                sl = dict(step=slice(done, self.n_steps), layer=layer, tree=tree, node=slice(0, nodes))
+                total = self.tree["node_act_sum"][sl].values
+                visits = self.tree["node_visits"][sl].values
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    block = np.where(visits > 0, total / np.maximum(visits, 1), np.nan)
+                have = block if have is None else np.concatenate([have, block])
+                self._cache.mu[(layer, tree)] = have
+            return have
+
+    def _trim_mu(self) -> None:
+        """Drop μ caches longer than the file (cannot happen unless a file was replaced)."""
+        for key, value in list(self._cache.mu.items()):
+            if len(value) > self.n_steps:
+                del self._cache.mu[key]
+
+    def events(self) -> pd.DataFrame:
+        """Pruning events (routescope.events), recomputed only when the run has grown."""
+        with self._lock:
+            if self.tree is None:
+                return pd.DataFrame(columns=["step", "layer", "tree", "node", "event"])
+            if self._cache.events_steps != self.n_steps:
+                self._cache.events = rs_events.pruning_events(self.tree)
+                self._cache.events_steps = self.n_steps
+            return self._cache.events
+
+    def loss(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{"train": (steps, values), "val": ...} from the run group."""
+        if self.run is None:
+            return {}
+        steps = self.run["step"].values
+        out = {}
+        for name, label in (("train_loss", "train"), ("val_loss", "val")):
+            if name in self.run:
+                out[label] = (steps, np.asarray(self.run[name].values, dtype=float))
+        return out
+
+
+def unique_labels(paths: list[Path]) -> list[str]:
+    """Short labels for files: the stem, with parent folders added until the labels differ."""
+    parts = [p.resolve().parts for p in paths]
+    for k in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-k:]).removesuffix(".h5") for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]
+
+
+def seed_groups(sources: list[RunSource]) -> dict[str, str]:
+    """Map each run to a group label: runs whose configurations differ only in the seed share one."""
+    groups: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    for src in sources:
+        config = dict(src.config)
+        preset = dict(config.get("preset", {})) if isinstance(config.get("preset"), dict) else {}
+        for d in (config, preset):
+            d.pop("seed", None)
+            d.pop("out", None)
+        config["preset"] = preset
+        key = json.dumps(config, sort_keys=True, default=str)
+        keys.setdefault(key, src.label)
+        groups[src.label] = keys[key]
+    return groups
