@@ -44,6 +44,7 @@ def write_synthetic(path: Path, intervals: int, layers: int, depth: int, trees: 
     weights = rng.dirichlet(np.full(2**depth, 0.5), size=(layers, trees))  # (L, T, leaves)
     for i in track(range(intervals), description="writing"):
         weights *= rng.random(weights.shape) > 0.0005  # leaves die as training goes on
+        weights[..., 0] = np.maximum(weights[..., 0], 1e-3)  # one leaf always survives (long runs)
         weights /= weights.sum(-1, keepdims=True)
         leaves = rng.multinomial(tokens, weights.reshape(-1, 2**depth)).reshape(layers, trees, -1)
         visits, right = consistent_counts(leaves, depth)

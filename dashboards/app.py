@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,16 @@ class Dashboard:
             raise ValueError("give at least one run file")
         resolved = [Path(p) for p in paths]
         self.sources = [RunSource(p, label) for p, label in zip(resolved, unique_labels(resolved))]
+
+    def warm(self) -> None:
+        """Build the whole-run caches (metric curves, pruning events) ahead of the first callbacks."""
+        for src in self.sources:
+            try:
+                src.curves()
+                src.events()
+                src.warnings()
+            except Exception:  # a damaged or vanishing file shows its error in the views instead
+                pass
 
     # ---- helpers ----
     def source(self, run: int | None) -> RunSource:
@@ -96,15 +107,18 @@ class Dashboard:
         return top, value, marks
 
     # ---- views ----
-    def paths(self, run: int | None, layer: int | None, step_index: int | None, log: bool, animate: bool) -> go.Figure:
+    @staticmethod
+    def advance(value: int | None, top: int | None, frames: int = 60) -> int:
+        """The animation's next slider position: about `frames` steps over the run, then from the start."""
+        top = int(top or 0)
+        value = int(value or 0)
+        return 0 if value >= top else min(top, value + max(1, (top + 1) // frames))
+
+    def paths(self, run: int | None, layer: int | None, step_index: int | None, log: bool) -> go.Figure:
         src = self.source(run)
         if src.tree is None or src.n_steps == 0:
             return self._empty("no routed layers recorded yet")
         layer = int(layer or 0)
-        if animate:
-            info = src.layers[layer]
-            counts = src.tree["leaf_visits"][:, layer, : info.trees, : 2**info.depth].values
-            return F.path_usage_animation(src.steps, counts, layer, log)
         i = self._step_index(src, step_index)
         counts = src.interval(i, layer, ("leaf_visits",))["leaf_visits"]
         return F.path_usage(counts, int(src.steps[i]), layer, log)
@@ -140,7 +154,7 @@ class Dashboard:
         layer, tree = int(layer or 0), int(tree or 0)
         mu = src.mu(layer, tree)
         chosen = [int(n) for n in (nodes or [0]) if int(n) < mu.shape[1]]
-        return F.drift_figure(src.steps, mu, chosen, layer, tree, src.events())
+        return F.drift_figure(src.steps, mu, chosen, layer, tree, src.events(), src.warnings())
 
     def tokens(self, run: int | None, layer: int | None, tree: int | None, leaf: int | None, text: str | None) -> tuple[list, go.Figure]:
         """Contexts routed to one leaf, and the paths of sampled tokens whose context contains `text`."""
@@ -181,6 +195,7 @@ def _graph(graph_id: str, height: int = 480) -> dcc.Graph:
 def create_app(paths: list[str | Path], interval_s: float = 2.0) -> Dash:
     """Build the Dash app over `paths` (validated here: a bad file raises RunFileError before serving)."""
     board = Dashboard(paths)
+    threading.Thread(target=board.warm, name="routescope-dash-warm", daemon=True).start()
     assets = tempfile.mkdtemp(prefix="routescope-dash-assets-")  # empty: nothing of the disk is served
     app = Dash(__name__, assets_folder=assets, title="routescope", serve_locally=True, update_title=None)
     app.board = board  # type: ignore[attr-defined]
@@ -240,6 +255,7 @@ def create_app(paths: list[str | Path], interval_s: float = 2.0) -> Dash:
                 ],
             ),  # fmt: skip
             dcc.Interval(id="tick", interval=int(interval_s * 1000)),
+            dcc.Interval(id="animate", interval=350, disabled=True),
             dcc.Store(id="version", data=0),
             dcc.Store(id="slider-max", data=max(first.n_steps - 1, 0)),
         ],
@@ -262,7 +278,18 @@ def create_app(paths: list[str | Path], interval_s: float = 2.0) -> Dash:
     @app.callback(Output("paths-graph", "figure"), Input("version", "data"), Input("run", "value"), Input("layer", "value"),
                   Input("step", "value"), Input("paths-options", "value"))  # fmt: skip
     def _paths(_v: int, run: int, layer: int, step: int, options: list[str]) -> go.Figure:
-        return board.paths(run, layer, step, "log" in (options or []), "animate" in (options or []))
+        return board.paths(run, layer, step, "log" in (options or []))
+
+    # Animation over training: an interval moves the step slider, so each frame is an ordinary,
+    # lazily read view (60 pre-built Plotly frames of a long run took ~1.5 s to build and send).
+    @app.callback(Output("animate", "disabled"), Input("paths-options", "value"))
+    def _animate_on(options: list[str]) -> bool:
+        return "animate" not in (options or [])
+
+    @app.callback(Output("step", "value", allow_duplicate=True), Input("animate", "n_intervals"),
+                  State("step", "value"), State("step", "max"), prevent_initial_call=True)  # fmt: skip
+    def _animate(_n: int, value: int, top: int) -> int:
+        return board.advance(value, top)
 
     @app.callback(Output("tree-graph", "figure"), Input("version", "data"), Input("run", "value"), Input("layer", "value"),
                   Input("tree", "value"), Input("step", "value"), Input("color-by", "value"))  # fmt: skip

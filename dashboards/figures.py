@@ -7,6 +7,7 @@ figure says so in its title: nothing is subsampled silently.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -41,10 +42,13 @@ def bin_curve(steps: np.ndarray, values: np.ndarray, max_points: int = MAX_POINT
         return steps, values, 1
     usable = (n // k) * k
     tail = values[usable:]
-    binned = np.nanmean(values[:usable].reshape(n // k, k, *values.shape[1:]), axis=1)
+    with warnings.catch_warnings():  # all-NaN bins (e.g. a dead layer's curve) stay NaN, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        binned = np.nanmean(values[:usable].reshape(n // k, k, *values.shape[1:]), axis=1)
+        tail_mean = np.nanmean(tail, axis=0, keepdims=True) if len(tail) else None
     bsteps = steps[k - 1 : usable : k]
-    if len(tail):  # the last partial bin keeps the newest intervals visible
-        binned = np.concatenate([binned, np.nanmean(tail, axis=0, keepdims=True)])
+    if tail_mean is not None:  # the last partial bin keeps the newest intervals visible
+        binned = np.concatenate([binned, tail_mean])
         bsteps = np.append(bsteps, steps[-1])
     return bsteps, binned, k
 
@@ -72,11 +76,16 @@ def path_usage(counts: np.ndarray, step: int, layer: int, log: bool = False) -> 
     return _layout(fig, f"Path usage: layer {layer}, interval ending at step {step}", "leaf", "tokens")
 
 
+def frame_indices(n: int, max_frames: int = 60) -> np.ndarray:
+    """At most `max_frames` evenly spaced interval positions out of n, first and last included."""
+    return np.unique(np.linspace(0, n - 1, min(max_frames, n)).round().astype(int)) if n else np.zeros(0, dtype=int)
+
+
 def path_usage_animation(steps: np.ndarray, counts: np.ndarray, layer: int, log: bool = False, max_frames: int = 60) -> go.Figure:
     """Leaf-visit histograms over training as an animation: counts (step, trees, leaves), one frame per
     shown interval (at most `max_frames`, evenly spaced, the last interval always included)."""
     counts = np.asarray(counts, dtype=float)
-    picks = np.unique(np.linspace(0, len(steps) - 1, min(max_frames, len(steps))).round().astype(int))
+    picks = frame_indices(len(steps), max_frames)
     base = path_usage(counts[picks[-1]], int(steps[picks[-1]]), layer, log)
     frames = []
     for i in picks:
@@ -209,7 +218,8 @@ def drift_figure(
     events: pd.DataFrame | None = None,
     warnings: pd.DataFrame | None = None,
 ) -> go.Figure:
-    """μ_n over training for chosen nodes: mu (step, node); deaths/freezes (×) and early warnings (▲)."""
+    """μ_n over training for chosen nodes: mu (step, node); deaths/freezes (×) and early warnings (▲),
+    from DataFrames with columns step, layer, tree, node (routescope.events)."""
     fig = go.Figure()
     bsteps, binned, k = bin_curve(np.asarray(steps), np.asarray(mu, dtype=float))
     for n in nodes:

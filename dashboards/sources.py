@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ from routescope import metrics as rs_metrics
 from routescope.store import RunFileError, group_dataset, open_h5
 
 
+WHOLE_RUN_EVERY_S = 30.0  # a live run's pruning events / warnings are refreshed at most this often
+
+
 @dataclass
 class _Cache:
     """Per-file caches, valid for `steps` intervals; extended, never recomputed from scratch."""
@@ -31,6 +35,9 @@ class _Cache:
     mu: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (layer, tree) -> (step, node)
     events: pd.DataFrame | None = None
     events_steps: int = -1
+    warnings: pd.DataFrame | None = None
+    warnings_steps: int = -1
+    whole_run_at: dict[str, float] = field(default_factory=dict)  # when events/warnings were last computed
 
 
 class RunSource:
@@ -63,8 +70,9 @@ class RunSource:
         with self._lock:
             try:
                 signature = self._file_signature()
-            except OSError as err:
-                raise RunFileError(f"{self.path}: {err.strerror or err}; was the file moved or deleted?") from None
+            except OSError:
+                open_h5(self.path)  # raises the reader's one-line explanation (missing, unreadable, ...)
+                raise
             if not force and signature == self._signature:
                 return False
             before = self.n_steps if self.tree is not None or self.run is not None else -1
@@ -115,14 +123,22 @@ class RunSource:
             return {}
 
     # ---- one interval ----
+    def _rows(self, name: str, rows: slice | int, layer: int, trees: slice | int, width: int) -> np.ndarray:
+        """A hyperslab of one `tree` variable straight from h5py (no dask overhead per chunk); rows are
+        interval positions, bounded by the complete intervals the Dataset shows."""
+        dset = self._file["tree"][name]
+        return dset[rows, layer, trees, :width]
+
     def interval(self, index: int, layer: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Variables of one layer at one interval (by position), read lazily: {name: (tree, ...)}."""
         with self._lock:
+            if not 0 <= index < self.n_steps:
+                raise IndexError(f"interval {index} of {self.n_steps}")
             info = self.layers[layer]
             out = {}
             for name in names:
                 width = 2**info.depth - 1 if name.startswith("node_") else 2**info.depth
-                out[name] = self.tree[name][index, layer, : info.trees, :width].values
+                out[name] = self._rows(name, index, layer, slice(0, info.trees), width)
             return out
 
     # ---- cached curves ----
@@ -148,9 +164,9 @@ class RunSource:
             have = self._cache.mu.get((layer, tree))
             done = 0 if have is None else len(have)
             if done < self.n_steps:
-                sl = dict(step=slice(done, self.n_steps), layer=layer, tree=tree, node=slice(0, nodes))
-                total = self.tree["node_act_sum"][sl].values
-                visits = self.tree["node_visits"][sl].values
+                rows = slice(done, self.n_steps)
+                total = self._rows("node_act_sum", rows, layer, tree, nodes)
+                visits = self._rows("node_visits", rows, layer, tree, nodes)
                 with np.errstate(invalid="ignore", divide="ignore"):
                     block = np.where(visits > 0, total / np.maximum(visits, 1), np.nan)
                 have = block if have is None else np.concatenate([have, block])
@@ -168,10 +184,29 @@ class RunSource:
         with self._lock:
             if self.tree is None:
                 return pd.DataFrame(columns=["step", "layer", "tree", "node", "event"])
-            if self._cache.events_steps != self.n_steps:
+            if self._cache.events_steps != self.n_steps and self._due("events"):
                 self._cache.events = rs_events.pruning_events(self.tree)
                 self._cache.events_steps = self.n_steps
             return self._cache.events
+
+    def warnings(self) -> pd.DataFrame:
+        """Early-warning flags (routescope.events.early_warnings), recomputed only when the run has grown."""
+        with self._lock:
+            if self.tree is None or self.n_steps < 3:
+                return pd.DataFrame(columns=["step", "layer", "tree", "node"])
+            if self._cache.warnings_steps != self.n_steps and self._due("warnings"):
+                self._cache.warnings = rs_events.early_warnings(self.tree).flags
+                self._cache.warnings_steps = self.n_steps
+            return self._cache.warnings
+
+    def _due(self, name: str) -> bool:
+        """Whole-run passes (events, warnings) run at most every WHOLE_RUN_EVERY_S while a run grows."""
+        now = time.monotonic()
+        last = self._cache.whole_run_at.get(name)
+        if last is not None and now - last < WHOLE_RUN_EVERY_S:
+            return False
+        self._cache.whole_run_at[name] = now
+        return True
 
     def loss(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{"train": (steps, values), "val": ...} from the run group."""

@@ -186,6 +186,9 @@ def dash(
                           "can read these runs (no authentication). Use --host 127.0.0.1 and an SSH tunnel instead.[/]")  # fmt: skip
     console.print(f"routescope dash: http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/ "
                   f"({len(paths)} run{'s' if len(paths) > 1 else ''}; Ctrl-C to stop)")  # fmt: skip
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no per-request log lines, no dev-server banner
     app_.run(host=host, port=port, debug=False)
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -44,8 +47,9 @@ def assert_user_error(result, *, contains: str | None = None) -> str:
         (("record",), ["--config", "--steps", "--out", "--every", "--device", "--seed", "--sample-tokens",
                        "--overwrite", "--list"]),  # fmt: skip
         (("info",), ["--json", "path"]),
+        (("dash",), ["--host", "--port", "--interval", "127.0.0.1"]),
     ],
-    ids=["top", "record", "info"],
+    ids=["top", "record", "info", "dash"],
 )
 def test_help(args: tuple[str, ...], expected: list[str]) -> None:
     result = run_cli(*args, "--help")
@@ -237,9 +241,10 @@ def _schema_only(tmp: Path, run: Path) -> Path:
     ],
     ids=["missing", "directory", "empty", "text", "truncated", "foreign-hdf5", "newer-schema", "no-groups"],
 )
-def test_info_bad_input(tmp_path: Path, debug_run: Path, make, says: str) -> None:
+@pytest.mark.parametrize("command", ["info", "dash"])
+def test_bad_input(tmp_path: Path, debug_run: Path, make, says: str, command: str) -> None:
     path = make(tmp_path, debug_run)
-    result = run_cli("info", str(path))
+    result = run_cli(command, str(path))
     assert_user_error(result, contains=says)
     assert result.stdout.strip() == ""
 
@@ -268,3 +273,39 @@ def test_dense_baseline(tmp_path: Path, extra: list[str]) -> None:
     summary = json.loads(as_json.stdout)
     assert summary["layers"] == []
     assert summary["run_state"] == "finished"
+
+
+# ------------------------------------------------------------------------------------------ dash server
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_dash_serves_the_run_and_warns_when_exposed(debug_run: Path, host: str) -> None:
+    """`routescope dash` serves the app; binding anything but loopback prints a loud warning."""
+    import urllib.request
+
+    port = _free_port()
+    args = [sys.executable, "-m", "routescope.cli", "dash", str(debug_run), "--port", str(port), "--host", host]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, body = time.time() + 60, ""
+        while time.time() < deadline and not body:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
+            except OSError:
+                time.sleep(0.3)
+        assert "routescope" in body, "the dashboard did not answer"
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=20)
+    assert f"http://127.0.0.1:{port}/" in out
+    assert ("anyone who can reach this machine" in err) == (host == "0.0.0.0"), err
+    assert "Traceback" not in err

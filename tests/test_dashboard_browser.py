@@ -79,6 +79,11 @@ def test_every_view_renders_slider_and_node_click(chromium, dash_duo, debug_run:
     handle.click()
     handle.send_keys("\ue012")  # Left arrow
     _wait_graph(dash_duo, "paths-graph", f"step {int(steps[-2])}")
+    # Animation over training: the slider runs on by itself (wrapping to the first interval).
+    animate = dash_duo.find_element("#paths-options input[value=animate]")
+    animate.click()
+    _wait_graph(dash_duo, "paths-graph", f"step {int(steps[0])}")
+    animate.click()
     # 2. The tree; clicking a node adds it to the drift selection.
     dash_duo.find_element("#tabs .tab:nth-child(2)").click()
     _wait_graph(dash_duo, "tree-graph", "Layer 0, tree 0")
