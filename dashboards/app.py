@@ -95,10 +95,11 @@ class Dashboard:
         ]
         return badges, changed
 
-    def slider(self, run: int | None, current: int | None, previous_max: int | None) -> tuple[int, int, dict]:
-        """Step slider over interval positions; follows the newest interval while it sits at the end."""
+    def slider(self, run: int | None, current: int | None, previous_max: int | None, top: int | None = None) -> tuple[int, int, dict]:
+        """Step slider over interval positions; follows the newest interval while it sits at the end.
+        `top` fixes the range (the one the component has) instead of the file's current length."""
         src = self.source(run)
-        top = max(src.n_steps - 1, 0)
+        top = min(max(src.n_steps - 1, 0), top) if top is not None else max(src.n_steps - 1, 0)
         follow = current is None or previous_max is None or current >= previous_max
         value = top if follow else min(current, top)
         steps = src.steps
@@ -267,13 +268,21 @@ def create_app(paths: list[str | Path], interval_s: float = 2.0) -> Dash:
         badges, changed = board.tick()
         return badges, (version + 1 if changed else no_update)
 
-    @app.callback(Output("step", "max"), Output("step", "value"), Output("step", "marks"), Output("slider-max", "data"),
-                  Input("version", "data"), Input("run", "value"), State("step", "value"), State("slider-max", "data"))  # fmt: skip
-    def _slider(_v: int, run: int, current: int | None, previous_max: int | None) -> tuple[Any, ...]:
-        if ctx.triggered_id == "run":
-            current = previous_max = None
-        top, value, marks = board.slider(run, current, previous_max)
-        return top, value, marks, top
+    # The slider follows new intervals in two chained steps: first its range, then (once the new
+    # range is applied) its value, so the component never clamps a new value to the old range.
+    @app.callback(Output("step", "max"), Output("step", "marks"), Output("slider-max", "data", allow_duplicate=True),
+                  Input("version", "data"), Input("run", "value"), State("slider-max", "data"),
+                  prevent_initial_call=True)  # fmt: skip
+    def _slider_range(_v: int, run: int, previous_max: int | None) -> tuple[Any, ...]:
+        top, _, marks = board.slider(run, None, None)
+        return top, marks, (None if ctx.triggered_id == "run" else previous_max)  # a new run starts at its end
+
+    @app.callback(Output("step", "value"), Output("slider-max", "data"), Input("step", "max"),
+                  State("step", "value"), State("slider-max", "data"), State("run", "value"), prevent_initial_call=True)  # fmt: skip
+    def _slider_follow(top: int, current: int | None, previous_max: int | None, run: int) -> tuple[Any, ...]:
+        # `top` is the range the component now has (the file may have grown since: the next tick says so)
+        _, value, _ = board.slider(run, current, previous_max, top=top)
+        return value, top
 
     @app.callback(Output("paths-graph", "figure"), Input("version", "data"), Input("run", "value"), Input("layer", "value"),
                   Input("step", "value"), Input("paths-options", "value"))  # fmt: skip

@@ -97,6 +97,47 @@ def record(
 
 
 @app.command()
+def sweep(
+    name: Annotated[Optional[str], typer.Argument(help="Sweep name (see --list).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the run files (<sweep>-<variant>-s<seed>.h5).")] = Path("runs"),
+    size: Annotated[str, typer.Option(help="tiny (seconds a run), cpu (the demo preset) or gpu.")] = "tiny",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per variant: 0 .. N-1.")] = 2,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Override the size's training steps.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    list_sweeps: Annotated[bool, typer.Option("--list", help="List the sweeps and sizes, then exit.")] = False,
+) -> None:
+    """Train an ablation (activation, placement, bias, depth, trees, dense) over seeds; finished runs are reused."""
+    from routescope.trainers.sweep import SIZES, SWEEPS, run_sweep, sweep_configs
+
+    if list_sweeps or name is None:
+        table = Table("sweep", "variants", "question", box=None)
+        for key, (question, variants) in SWEEPS.items():
+            table.add_row(key, ", ".join(v.name for v in variants), question)
+        console.print(table)
+        console.print(f"sizes: {', '.join(SIZES)}")
+        if name is None and not list_sweeps:
+            fail("name a sweep (see the list above), e.g. `routescope sweep activation --seeds 3`")
+        return
+    if name not in SWEEPS:
+        fail(f"unknown sweep {name!r}; choose one of: {', '.join(SWEEPS)}")
+    if size not in SIZES:
+        fail(f"unknown --size {size!r}; choose one of: {', '.join(SIZES)}")
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a folder for the run files")
+    runs = sweep_configs(name, size, seeds, steps)
+    console.print(f"[bold]routescope sweep[/] {name} ({size}): {len(runs)} runs → {out}/")
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        paths = run_sweep(name, out, size, seeds, steps, device)
+    except KeyboardInterrupt:
+        fail(f"interrupted; finished runs in {out} are kept and reused when the sweep is run again")
+    except ValueError as err:
+        fail(str(err))
+    console.print(f"{len(paths)} runs in {out}/; compare them: [cyan]routescope report {out}/{name}-*.h5[/] "
+                  f"or [cyan]routescope dash {out}/{name}-*.h5[/]")  # fmt: skip
+
+
+@app.command()
 def info(
     path: Annotated[Path, typer.Argument(help="Run file (.h5).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,

@@ -405,6 +405,15 @@ def test_dashboard_slider(app) -> None:
     assert board.slider(0, n - 2, n - 2)[1] == n - 1
 
 
+
+def test_dashboard_slider_follows_within_the_range_the_component_has(debug_run) -> None:
+    """The file may grow between the range update and the follow step: never a value beyond `top`."""
+    board = create_app([debug_run]).board
+    n = board.sources[0].n_steps
+    assert board.slider(0, 1, 1, top=3)[:2] == (3, 3)  # at the end of the old range: follow to the given top
+    assert board.slider(0, 1, 2, top=3)[:2] == (3, 1)  # the user moved back: stay
+    assert board.slider(0, None, None, top=10 * n)[:2] == (n - 1, n - 1)  # never beyond the file
+
 def test_dashboard_source_by_position_only(app) -> None:
     with pytest.raises(ValueError):
         app.board.source(5)

@@ -1,0 +1,115 @@
+"""Ablation sweeps for the seed paper's questions: named grids of TreeFFN options × seeds.
+
+`routescope sweep activation --seeds 3 --out runs/` trains GELU, ReLU and tanh trees on the
+embedded corpus, one file per (variant, seed), named `<sweep>-<variant>-s<seed>.h5`. A finished
+file is reused, so an interrupted sweep resumes and notebooks that share a folder share runs.
+Sizes: "tiny" (seconds a run on a laptop CPU; the notebooks' default and CI), "cpu" (the demo
+preset, about a minute a run) and "gpu" (the GPU preset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from routescope.trainers.model import GPTConfig
+from routescope.trainers.presets import TrainConfig, get_preset
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One arm of a sweep: a name and the model options it changes."""
+
+    name: str
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+SWEEPS: dict[str, tuple[str, list[Variant]]] = {
+    "activation": ("GELU vs ReLU vs a symmetric nonlinearity (tanh), placement node", [
+        Variant("gelu", {"activation": "gelu"}), Variant("relu", {"activation": "relu"}),
+        Variant("tanh", {"activation": "tanh"}),
+    ]),
+    "placement": ("nonlinearity per node (before the path sum) vs after the sparse sum, GELU", [
+        Variant("node", {"placement": "node"}), Variant("output", {"placement": "output"}),
+    ]),
+    "bias": ("node biases on vs off, GELU", [Variant("bias", {"bias": True}), Variant("nobias", {"bias": False})]),
+    "depth": ("depth 5, 7, 9 with 2 trees", [Variant(f"d{d}", {"depth": d, "trees": 2}) for d in (5, 7, 9)]),
+    "trees": ("about the same neurons in 1, 2 or 4 trees (depth 8, 7, 6)", [
+        Variant("t1", {"depth": 8, "trees": 1}), Variant("t2", {"depth": 7, "trees": 2}),
+        Variant("t4", {"depth": 6, "trees": 4}),
+    ]),
+    "dense": ("tree vs the dense baseline of the same width", [Variant("tree", {}), Variant("dense", {"mlp": "dense"})]),
+}  # fmt: skip
+
+SIZES: dict[str, Callable[[], TrainConfig]] = {
+    # tiny: the notebooks' default and CI; small enough for seconds a run, big enough to prune
+    "tiny": lambda: replace(
+        get_preset("shakespeare-tree"), steps=120, batch_size=8, eval_every=60, eval_batches=2, record_every=5,
+        sample_tokens=32, warmup=10,
+        model=GPTConfig(seq_len=64, n_layer=2, n_head=2, d_model=64, dense_width=256, depth=6, trees=2),
+    ),
+    "cpu": lambda: get_preset("shakespeare-tree"),
+    "gpu": lambda: get_preset("shakespeare-tree-gpu"),
+}  # fmt: skip
+
+
+def sweep_configs(sweep: str, size: str = "tiny", seeds: int = 2, steps: int | None = None) -> dict[str, TrainConfig]:
+    """{run name: TrainConfig} of a sweep: every variant × seeds 0 .. seeds-1 at one size."""
+    if sweep not in SWEEPS:
+        raise KeyError(f"unknown sweep {sweep!r}; sweeps: {', '.join(SWEEPS)}")
+    if size not in SIZES:
+        raise KeyError(f"unknown size {size!r}; sizes: {', '.join(SIZES)}")
+    base = SIZES[size]()
+    out = {}
+    for variant in SWEEPS[sweep][1]:
+        options = dict(variant.model)
+        if options.get("mlp") == "dense":
+            options.setdefault("dense_width", 4 * base.model.d_model)
+        model = replace(base.model, **options)
+        for seed in range(seeds):
+            cfg = replace(base, model=model, seed=seed, steps=steps or base.steps,
+                          description=f"sweep {sweep}, size {size}: {variant.name}, seed {seed}")  # fmt: skip
+            out[f"{sweep}-{variant.name}-s{seed}"] = cfg
+    return out
+
+
+def _finished(path: Path) -> bool:
+    """A run file that closed normally (reused by a later sweep); anything else is trained again."""
+    from routescope.store import RunFileError, describe
+
+    try:
+        return path.exists() and describe(path)["run_state"] == "finished"
+    except RunFileError:
+        return False
+
+
+def run_sweep(
+    sweep: str,
+    out: str | Path,
+    size: str = "tiny",
+    seeds: int = 2,
+    steps: int | None = None,
+    device: str = "auto",
+    show_progress: bool = True,
+) -> dict[str, Path]:
+    """Train (or reuse) every run of a sweep into `out`; returns {run name: file}."""
+    from routescope.trainers.train import train
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, cfg in sweep_configs(sweep, size, seeds, steps).items():
+        path = folder / f"{name}.h5"
+        if not _finished(path):
+            if show_progress:
+                print(f"training {name} -> {path}", flush=True)
+            train(cfg, out=path, device=device, overwrite=True, show_progress=show_progress)
+        paths[name] = path
+    return paths
+
+
+def variant_of(run_name: str) -> str:
+    """'activation-gelu-s1' -> 'gelu'."""
+    return run_name.split("-")[1]
