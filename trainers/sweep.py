@@ -9,6 +9,7 @@ preset, about a minute a run) and "gpu" (the GPU preset).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -75,14 +76,22 @@ def sweep_configs(sweep: str, size: str = "tiny", seeds: int = 2, steps: int | N
     return out
 
 
+STILL_WRITING_S = 120.0  # a "running" file modified this recently belongs to a live process
+
+
 def _finished(path: Path) -> bool:
-    """A run file that closed normally (reused by a later sweep); anything else is trained again."""
+    """A run file that closed normally (reused by a later sweep); anything else is trained again,
+    except a file another process is still writing, which is an error rather than a silent clash."""
     from routescope.store import RunFileError, describe
 
     try:
-        return path.exists() and describe(path)["run_state"] == "finished"
-    except RunFileError:
+        state = describe(path)["run_state"] if path.exists() else None
+    except (RunFileError, OSError):  # damaged (e.g. two writers once clashed): train it again
         return False
+    if state == "running" and time.time() - path.stat().st_mtime < STILL_WRITING_S:
+        raise ValueError(f"{path} is being written by another process (modified {time.time() - path.stat().st_mtime:.0f} s ago); "
+                         "wait for it to finish, or use another --out folder")  # fmt: skip
+    return state == "finished"
 
 
 def run_sweep(
