@@ -20,7 +20,7 @@ import xarray as xr
 
 from routescope import events as rs_events
 from routescope import metrics as rs_metrics
-from routescope.store import RunFileError, group_dataset, open_h5
+from routescope.store import RunFileError, group_dataset, open_h5, reads_run_file
 
 
 WHOLE_RUN_EVERY_S = 30.0  # a live run's pruning events / warnings are refreshed at most this often
@@ -77,10 +77,7 @@ class RunSource:
                 return False
             before = self.n_steps if self.tree is not None or self.run is not None else -1
             old = self._file
-            f = open_h5(self.path)
-            self.tree = group_dataset(f, "tree") if "tree" in f else None
-            self.run = group_dataset(f, "run") if "run" in f else None
-            self.traces = group_dataset(f, "traces") if "traces" in f and "sample" in f["traces"] else None
+            f, self.tree, self.run, self.traces = _open_groups(self.path)
             self._file, self._signature = f, signature
             self.reopen_count += 1
             if old is not None:
@@ -218,6 +215,20 @@ class RunSource:
             if name in self.run:
                 out[label] = (steps, np.asarray(self.run[name].values, dtype=float))
         return out
+
+
+@reads_run_file()
+def _open_groups(path: Path) -> tuple[Any, xr.Dataset | None, xr.Dataset | None, xr.Dataset | None]:
+    """The open file and its tree / run / traces groups (None where absent); damage is a RunFileError."""
+    f = open_h5(path)
+    try:
+        tree = group_dataset(f, "tree") if "tree" in f else None
+        run = group_dataset(f, "run") if "run" in f else None
+        traces = group_dataset(f, "traces") if "traces" in f and "sample" in f["traces"] else None
+    except BaseException:
+        f.close()
+        raise
+    return f, tree, run, traces
 
 
 def unique_labels(paths: list[Path]) -> list[str]:

@@ -13,9 +13,10 @@ from typing import Any
 from rich.table import Table
 
 from routescope import metrics
-from routescope.store import group_dataset, open_h5
+from routescope.store import group_dataset, open_h5, reads_run_file
 
 
+@reads_run_file(metrics.MetricsError)
 def build_report(path: str | Path, window: tuple[int | None, int | None] = (None, None),
                  layers: list[int] | None = None, events: bool = False) -> dict[str, Any]:  # fmt: skip
     """The report object of one run file over a window of steps (events: add pruning events and the

@@ -8,13 +8,17 @@ so a reader (or a crash) never sees a row whose coordinate exists and whose data
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 SCHEMA_VERSION = 1
 RUN_STATES = ("running", "finished", "interrupted", "failed")
@@ -348,6 +352,29 @@ def open_run(path: str | Path, group: str = "tree"):
     return group_dataset(open_h5(path), group)
 
 
+def reads_run_file(*passthrough: type[BaseException]) -> Callable[[F], F]:
+    """Decorator for functions whose first argument is a run file: any failure while reading it
+    (a damaged file makes h5py, json or numpy fail in many ways) becomes one RunFileError line.
+    Exceptions of the `passthrough` types (the caller's own user errors) are left alone."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(path: str | Path, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(path, *args, **kwargs)
+            except (RunFileError, *passthrough):
+                raise
+            except Exception as err:
+                raise RunFileError(
+                    f"{path} is a damaged run file ({type(err).__name__}: {_first_line(err)}); it cannot be read"
+                ) from err
+
+        return wrapper  # type: ignore[return-value]
+
+    return wrap
+
+
+@reads_run_file()
 def describe(path: str | Path) -> dict[str, Any]:
     """A summary of what a run file holds (for `routescope info`)."""
     f = open_h5(path)

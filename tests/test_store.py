@@ -150,3 +150,29 @@ def test_read_while_a_run_is_writing(tmp_path: Path) -> None:
     assert check_tree_invariants(path) >= seen[-1]
     with open_plain(path) as f:
         assert f["tree/step"].shape[0] >= seen[-1]
+
+
+def test_corrupted_copies_give_clean_errors_only(debug_run: Path, tmp_path: Path) -> None:
+    """Seeded fuzz: 40 copies of a real run with random byte flips. Every reader either works or
+    raises RunFileError (one line for the CLI), never another exception. Issue 9's soak runs more."""
+    from routescope.dashboards.app import Dashboard
+    from routescope.report import build_report
+    from routescope.store import RunFileError, describe
+
+    data = debug_run.read_bytes()
+    rng = np.random.default_rng(1234)
+    outcomes = {"read": 0, "clean error": 0}
+    for case in range(40):
+        damaged = bytearray(data)
+        for pos in rng.integers(1024, len(damaged), size=int(rng.integers(1, 40))):
+            damaged[pos] ^= int(rng.integers(1, 256))
+        path = tmp_path / f"fuzz{case}.h5"
+        path.write_bytes(bytes(damaged))
+        for reader in (describe, build_report, lambda p: Dashboard([p])):
+            try:
+                reader(path)
+                outcomes["read"] += 1
+            except RunFileError as err:
+                assert "\n" not in str(err) and str(path) in str(err)
+                outcomes["clean error"] += 1
+    assert outcomes["clean error"] > 0  # the fuzz did reach damaged metadata
