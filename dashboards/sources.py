@@ -79,6 +79,8 @@ class RunSource:
             old = self._file
             f, self.tree, self.run, self.traces = _open_groups(self.path)
             self._file, self._signature = f, signature
+            if self.n_steps < before:  # the file was replaced by a shorter one: caches start over
+                self._cache = _Cache()
             self.reopen_count += 1
             if old is not None:
                 old.close()
@@ -150,7 +152,6 @@ class RunSource:
                 block = new[name].values
                 cache.curves[name] = block if name not in cache.curves else np.concatenate([cache.curves[name], block])
             cache.steps = n
-            self._trim_mu()
             return cache.curves
 
     def mu(self, layer: int, tree: int) -> np.ndarray:
@@ -169,12 +170,6 @@ class RunSource:
                 have = block if have is None else np.concatenate([have, block])
                 self._cache.mu[(layer, tree)] = have
             return have
-
-    def _trim_mu(self) -> None:
-        """Drop μ caches longer than the file (cannot happen unless a file was replaced)."""
-        for key, value in list(self._cache.mu.items()):
-            if len(value) > self.n_steps:
-                del self._cache.mu[key]
 
     def events(self) -> pd.DataFrame:
         """Pruning events (routescope.events), recomputed only when the run has grown."""
