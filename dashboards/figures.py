@@ -23,7 +23,6 @@ NODE_COLORINGS = {
     "balance": "balance 1 − |2p_n − 1|",
     "mu": "drift μ_n (mean pre-activation)",
 }
-STATE_NAMES = {0: "running", 1: "finished", 2: "interrupted", 3: "failed"}
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:

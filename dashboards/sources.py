@@ -53,7 +53,6 @@ class RunSource:
         self.run: xr.Dataset | None = None
         self.traces: xr.Dataset | None = None
         self._cache = _Cache()
-        self.reopen_count = 0
         self.refresh(force=True)
 
     # ---- file access ----
@@ -81,7 +80,6 @@ class RunSource:
             self._file, self._signature = f, signature
             if self.n_steps < before:  # the file was replaced by a shorter one: caches start over
                 self._cache = _Cache()
-            self.reopen_count += 1
             if old is not None:
                 old.close()
             return self.n_steps != before
