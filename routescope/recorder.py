@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from routescope import distributed
 from routescope.kernels.tree_reference import COUNT_STATS, SUM_STATS
 from routescope.layers import TreeFFN, find_routed_layers
 from routescope.store import LayerLayout, RunWriter
@@ -80,6 +81,7 @@ class Recorder:
         if every < 1:
             raise ValueError("every must be >= 1")
         self.layers = _select_layers(model, modules)
+        distributed.ignore_accumulators(model)  # DDP must not broadcast rank 0's counts over the others'
         self.path = Path(path)
         self.every = every
         self.sample_tokens = sample_tokens
@@ -117,8 +119,10 @@ class Recorder:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "routescope_version": _version(),
             "torch_version": torch.__version__,
+            "world_size": distributed.world_size(),
         }
-        self._writer = RunWriter(self.path, layouts, attrs, scalars=self.scalar_names,
+        writer = RunWriter if distributed.is_writer() else distributed.NullWriter  # only rank 0 writes
+        self._writer = writer(self.path, layouts, attrs, scalars=self.scalar_names,
                                  sample_tokens=self.sample_tokens, context=self.context, overwrite=self.overwrite)  # fmt: skip
         for _, layer in self.layers:
             layer.reset_routing_stats()
@@ -201,6 +205,7 @@ class Recorder:
             stats = layer.routing_stats()
             ints += [stats[name].reshape(-1) for name in INT_STATS]
             floats += [stats[name].reshape(-1) for name in SUM_STATS]
+        summed_ints, summed_floats = sum(t.numel() for t in ints), sum(t.numel() for t in floats)
         trace_count, has_ids = self._pack_traces(ints, floats, device)
         scalar_values = {k: v for k, v in self._scalars.items() if not isinstance(v, Tensor)}
         tensor_scalars = [(k, v) for k, v in self._scalars.items() if isinstance(v, Tensor)]
@@ -212,6 +217,11 @@ class Recorder:
         flat_floats = torch.cat([t.to(device, torch.float64) for t in floats]) if floats else torch.zeros(0, dtype=torch.float64)
         if self.layers:  # zero every accumulator of every layer in a few launches
             torch._foreach_zero_([t for _, layer in self.layers for t in layer.routing_stats().values()])
+        # Under torch.distributed: sum counts/sums over ranks, average tensor scalars (routescope/distributed.py).
+        flat_ints, flat_floats = distributed.reduce_interval(flat_ints, flat_floats, summed_ints, summed_floats, len(tensor_scalars))
+        if not distributed.is_writer():
+            self._reset_interval()
+            return
         host_ints, host_floats, ready = _to_host(flat_ints), _to_host(flat_floats), None
         if device.type == "cuda":
             ready = torch.cuda.Event()

@@ -1,0 +1,131 @@
+"""Recording under torch.distributed: one reduction per interval, rank 0 writes, DDP leaves the accumulators alone.
+
+Every rank runs a Recorder over its own replica. At an interval end each rank packs its layers'
+statistics into two flat buffers (int64 counts, float64 sums); `reduce_interval` sums them over the
+ranks with one all-reduce per buffer (nothing per step), and only rank 0 hands the result to the
+writer: the other ranks get a `NullWriter` and write no file. What is reduced, and how:
+- counts and sums (the leading `sum_ints` / `sum_floats` entries): summed, so the file equals that of
+  one process that saw every rank's tokens;
+- tensor scalars such as `train_loss` (the trailing `mean_floats` entries): averaged over the ranks;
+- sampled traces (between the two): not reduced; the file keeps rank 0's sample (each rank may
+  hold a different number of them, and token ids only mean something on their own rank).
+Plain float scalars passed to `step()`/`log()` (e.g. `lr`) are rank 0's.
+
+DDP with `broadcast_buffers=True` copies rank 0's buffers into every rank at each forward, which
+would overwrite the other ranks' accumulators; `ignore_accumulators` takes them out of DDP's sync.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+DDP_IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"  # what DDP reads at construction
+
+
+def is_active() -> bool:
+    """Whether a torch.distributed process group is initialized with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Ranks in the default process group (1 outside torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run file: rank 0, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def reduce_interval(
+    flat_ints: Tensor,
+    flat_floats: Tensor,
+    sum_ints: int | None = None,
+    sum_floats: int | None = None,
+    mean_floats: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Sum the interval's counts and sums over the ranks and average its trailing tensor scalars.
+
+    flat_ints[:sum_ints] and flat_floats[:sum_floats] are summed (default: the whole buffer);
+    flat_floats[-mean_floats:] is averaged; the rest (traces) is left as this rank has it. One
+    all-reduce per dtype; a no-op outside torch.distributed. Every rank must call it at the same
+    interval ends with the same layers and the same number of tensor scalars.
+    """
+    if not is_active():
+        return flat_ints, flat_floats
+    ranks = dist.get_world_size()
+    sum_ints = flat_ints.numel() if sum_ints is None else sum_ints
+    sum_floats = flat_floats.numel() if sum_floats is None else sum_floats
+    if mean_floats < 0 or sum_floats + mean_floats > flat_floats.numel() or sum_ints > flat_ints.numel():
+        raise ValueError(
+            f"reduce_interval: {sum_ints} ints / {sum_floats}+{mean_floats} floats to reduce do not fit "
+            f"buffers of {flat_ints.numel()} / {flat_floats.numel()}"
+        )
+    # The last int entry carries each rank's scalar count, so a mismatch is caught (on every rank
+    # alike) before the float all-reduce, which would otherwise fail or mix unrelated values. Reading
+    # it is a host sync, so it is checked on the CPU only; on CUDA it stays on the device.
+    ints = torch.cat([flat_ints[:sum_ints], flat_ints.new_full((1,), mean_floats)])
+    dist.all_reduce(ints)
+    if ints.device.type == "cpu" and int(ints[-1]) != mean_floats * ranks:
+        raise RuntimeError(
+            "ranks passed different tensor scalars to Recorder.step()/log() in one interval; pass the same "
+            "names (e.g. loss) on every rank"
+        )
+    trailing = flat_floats[flat_floats.numel() - mean_floats :]
+    floats = torch.cat([flat_floats[:sum_floats], trailing])
+    dist.all_reduce(floats)
+    floats[sum_floats:] /= ranks
+    out_ints = torch.cat([ints[:sum_ints], flat_ints[sum_ints:]])
+    out_floats = torch.cat([floats[:sum_floats], flat_floats[sum_floats : flat_floats.numel() - mean_floats], floats[sum_floats:]])
+    return out_ints, out_floats
+
+
+class NullWriter:
+    """Stands in for the run file's writer on ranks other than 0: takes every call, writes nothing."""
+
+    sizes: dict[str, int] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def append_interval(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def accumulator_names(model: nn.Module) -> list[str]:
+    """Qualified names of every routed layer's accumulator buffers (`blocks.0.mlp.node_visits`, ...)."""
+    names = []
+    for prefix, module in model.named_modules():
+        stats = getattr(module, "routing_stats", None)
+        if not callable(stats):
+            continue
+        own = {id(t): name for name, t in module.named_buffers(recurse=False)}
+        names += [f"{prefix}.{own[id(t)]}" if prefix else own[id(t)] for t in stats().values() if id(t) in own]
+    return names
+
+
+def ignore_accumulators(model: nn.Module) -> list[str]:
+    """Keep DDP from broadcasting the routed layers' accumulators (broadcast_buffers=True would overwrite
+    the other ranks' counts with rank 0's at every forward); returns the names it marked.
+
+    Call it on the model before wrapping it in DistributedDataParallel, or on the DDP module itself
+    (it then updates the live wrapper). patch(), Recorder and the callbacks call it for you.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        names = accumulator_names(model.module)
+        model.parameters_to_ignore.update(names)  # DDP re-reads this set before each buffer sync
+        ignore_accumulators(model.module)
+        return names
+    names = accumulator_names(model)
+    marked = set(getattr(model, DDP_IGNORE_ATTR, ()))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(marked | set(names)))
+    return names
