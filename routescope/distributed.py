@@ -122,7 +122,9 @@ def ignore_accumulators(model: nn.Module) -> list[str]:
 
     if isinstance(model, DistributedDataParallel):
         names = accumulator_names(model.module)
-        model.parameters_to_ignore.update(names)  # DDP re-reads this set before each buffer sync
+        model.parameters_to_ignore.update(names)  # DDP re-reads this set before each buffer sync...
+        if hasattr(model, "_assign_modules_buffers"):  # ...but decides whether to sync from its current list
+            model._assign_modules_buffers()
         ignore_accumulators(model.module)
         return names
     names = accumulator_names(model)
