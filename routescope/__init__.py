@@ -14,9 +14,10 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 if TYPE_CHECKING:
     from routescope.layers import TreeFFN
+    from routescope.patch import patch
     from routescope.recorder import Recorder
 
-__all__ = ["Recorder", "RunFileError", "TreeFFN", "__version__", "open"]
+__all__ = ["Recorder", "RunFileError", "TreeFFN", "__version__", "open", "patch"]
 
 
 def __getattr__(name: str) -> Any:
@@ -29,4 +30,9 @@ def __getattr__(name: str) -> Any:
         from routescope.recorder import Recorder
 
         return Recorder
+    if name == "patch":
+        from routescope.patch import patch
+
+        globals()["patch"] = patch  # importing routescope.patch just bound the module under this name
+        return patch
     raise AttributeError(f"module 'routescope' has no attribute {name!r}")
