@@ -144,8 +144,11 @@ def test_lightning_callback_marks_a_failed_run(tmp_path: Path) -> None:
     assert run["run_state"] == 3 and list(run["step"]) == [2, 4]
 
 
-def test_missing_framework_message() -> None:
-    from routescope.integrations._common import missing
+@pytest.mark.parametrize("module,framework,extra", [("hf", "transformers", "hf"), ("lightning", "lightning.pytorch", "lightning")])
+def test_missing_framework_is_a_clear_import_error(module: str, framework: str, extra: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
 
-    err = missing("lightning", "lightning", ImportError("No module named 'lightning'"))
-    assert 'pip install "routescope[lightning]"' in str(err)
+    monkeypatch.setitem(sys.modules, framework, None)  # as if not installed: importing it raises ImportError
+    monkeypatch.delitem(sys.modules, f"routescope.integrations.{module}", raising=False)
+    with pytest.raises(ImportError, match=rf'pip install "routescope\[{extra}\]"'):
+        importlib.import_module(f"routescope.integrations.{module}")
