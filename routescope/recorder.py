@@ -29,11 +29,15 @@ import torch
 from torch import Tensor, nn
 
 from routescope import distributed
-from routescope.kernels.tree_reference import COUNT_STATS, SUM_STATS
-from routescope.layers import TreeFFN, find_routed_layers
+from routescope.layers import find_routed_layers
+from routescope.schema import FAMILIES, Family
 from routescope.store import LayerLayout, RunWriter
 
-INT_STATS = ("tokens", *COUNT_STATS)
+
+def packing_order(family: Family) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The order a layer's statistics take in the flat buffers: (int64 names, float64 names)."""
+    ints = ("tokens", *(name for name, v in family.stats.items() if v.dtype.startswith("i")))
+    return ints, tuple(name for name, v in family.stats.items() if v.dtype.startswith("f"))
 
 
 class RecorderError(RuntimeError):
@@ -57,7 +61,7 @@ class _Interval:
 
 
 class Recorder:
-    """Records the routing of a model's tree layers into one HDF5 run file (DESIGN.md, "Recording").
+    """Records the routing of a model's routed layers (tree, L1, MoE) into one HDF5 run file (DESIGN.md, "Recording").
 
     every: optimizer steps per interval (one row of the file). sample_tokens: tokens per interval
     whose full path is kept in group `traces`. modules: names or modules to record (default: all
@@ -96,6 +100,10 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue[_Interval | None] = queue.Queue(maxsize=16)
         self._error: BaseException | None = None
+        self._sizes = [layer.stat_sizes() for _, layer in self.layers]  # per-layer dimension sizes
+        # Each layer's position among the layers of its family (its index on that group's `layer` axis).
+        self._family_index = [sum(other.family == layer.family for _, other in self.layers[:i])
+                              for i, (_, layer) in enumerate(self.layers)]  # fmt: skip
         self._reset_interval()
 
     # ------------------------------------------------------------------ lifecycle
@@ -111,7 +119,7 @@ class Recorder:
 
     def start(self) -> None:
         """Create the file, switch the layers' accumulation on and start the writer thread."""
-        layouts = [LayerLayout(name, layer.depth, layer.trees, layer.spec.to_dict()) for name, layer in self.layers]
+        layouts = [_layout(name, layer) for name, layer in self.layers]
         attrs = {
             "config": json.dumps(self.config),
             "record_every": self.every,
@@ -196,15 +204,16 @@ class Recorder:
                 layer.last_trace = None
 
     def _close_interval(self) -> None:
-        device = self.layers[0][1].tokens.device if self.layers else torch.device("cpu")
+        device = self.layers[0][1].routing_stats()["tokens"].device if self.layers else torch.device("cpu")
         if self._loss_sum is not None and not self.layers:
             device = self._loss_sum.device
         ints: list[Tensor] = []
         floats: list[Tensor] = []
         for _, layer in self.layers:
             stats = layer.routing_stats()
-            ints += [stats[name].reshape(-1) for name in INT_STATS]
-            floats += [stats[name].reshape(-1) for name in SUM_STATS]
+            int_names, float_names = packing_order(FAMILIES[layer.family])
+            ints += [stats[name].reshape(-1) for name in int_names]
+            floats += [stats[name].reshape(-1) for name in float_names]
         summed_ints, summed_floats = sum(t.numel() for t in ints), sum(t.numel() for t in floats)
         trace_count, has_ids = self._pack_traces(ints, floats, device)
         scalar_values = {k: v for k, v in self._scalars.items() if not isinstance(v, Tensor)}
@@ -235,20 +244,21 @@ class Recorder:
         self._queue.put(item)
 
     def _pack_traces(self, ints: list[Tensor], floats: list[Tensor], device: torch.device) -> tuple[int, bool]:
-        """Append the sampled tokens' leaves, path pre-activations and ids to the flat buffers."""
-        traces = [layer.last_trace for _, layer in self.layers]
-        if self.sample_tokens <= 0 or not traces or any(t is None for t in traces):
+        """Append the sampled tokens' trace rows (each family's trace variables) and ids to the flat buffers."""
+        counts = [layer.traced_tokens() for _, layer in self.layers]
+        if self.sample_tokens <= 0 or not counts or any(c is None for c in counts):
             return 0, False
-        n = traces[0].path.shape[0]
-        if any(t.path.shape[0] != n for t in traces) or n == 0:
+        n = counts[0]
+        if any(c != n for c in counts) or n == 0:
             return 0, False
         count = min(self.sample_tokens, n)
         picked = torch.randperm(n, generator=self._generator)[:count].sort().values  # (k,) flat token index
         index = _to_device(picked, device)
-        for (_, layer), trace in zip(self.layers, traces):
-            nodes = 2**layer.depth - 1
-            ints.append((trace.path[index, :, layer.depth] - nodes).reshape(-1))  # (k*T,) leaf
-            floats.append(trace.z[index].reshape(-1))  # (k*T*(d+1),)
+        for _, layer in self.layers:
+            rows = layer.trace_rows(index)
+            for name, var in FAMILIES[layer.family].traces.items():
+                target = ints if var.dtype.startswith("i") else floats
+                target.append(rows[name].reshape(-1).to(torch.int64 if target is ints else torch.float64))
         ids = self._token_ids
         has_ids = ids is not None and ids.dim() == 2 and ids.numel() == n
         if has_ids:
@@ -277,17 +287,17 @@ class Recorder:
         if item.ready is not None:
             item.ready.synchronize()
         ints, floats = item.ints.numpy(), item.floats.numpy()
-        sizes = self._writer.sizes
-        shape = (len(self.layers), sizes["tree"])
-        tree = {name: np.zeros(shape + (sizes[name.split("_")[0]],), dtype=np.int64) for name in COUNT_STATS}
-        tree.update({name: np.zeros(shape + (sizes[name.split("_")[0]],)) for name in SUM_STATS})
+        groups = {name: {var: np.zeros((sizes["layer"], *FAMILIES[name].layer_shape(var, sizes)), dtype=np.dtype(v.dtype))
+                         for var, v in FAMILIES[name].stats.items()}
+                  for name, sizes in self._writer.group_sizes.items() if name in self._writer.families}  # fmt: skip
         layer_tokens = np.zeros(len(self.layers), dtype=np.int64)
         i = f = 0
         for li, (_, layer) in enumerate(self.layers):
-            for name in INT_STATS:
-                i = _take_into(tree, name, li, layer, ints, i, layer_tokens)
-            for name in SUM_STATS:
-                f = _take_into(tree, name, li, layer, floats, f, layer_tokens)
+            family, rows = FAMILIES[layer.family], groups[layer.family]
+            int_names, float_names = packing_order(family)
+            layer_tokens[li] = ints[i]
+            i = _take_into(rows, int_names[1:], family, self._family_index[li], self._sizes[li], ints, i + 1)
+            f = _take_into(rows, float_names, family, self._family_index[li], self._sizes[li], floats, f)
         traces = None
         if item.trace_count:
             traces, i, f = self._unpack_traces(item, ints, floats, i, f)
@@ -296,21 +306,31 @@ class Recorder:
         if len(layer_tokens) and layer_tokens.min() != layer_tokens.max():
             warnings.warn(f"layers saw different token counts at step {item.step}: {layer_tokens.tolist()}", stacklevel=1)
         self._tokens_seen += int(layer_tokens.max()) if len(layer_tokens) else item.id_tokens
-        tree["tokens"] = layer_tokens.max(initial=0)
-        tree["layer_tokens"] = layer_tokens
+        for name, rows in groups.items():
+            mine = np.array([layer.family == name for _, layer in self.layers], dtype=bool)
+            rows["layer_tokens"] = layer_tokens[mine]
+            rows["tokens"] = layer_tokens[mine].max(initial=0)
         scalars.update(tokens_seen=self._tokens_seen, elapsed_s=item.elapsed_s)
-        self._writer.append_interval(item.step, tree, scalars, traces)
+        self._writer.append_interval(item.step, None, scalars, traces, groups=groups)
 
     def _unpack_traces(self, item: _Interval, ints: np.ndarray, floats: np.ndarray, i: int, f: int):
-        k, sizes, n_layers = item.trace_count, self._writer.sizes, len(self.layers)
-        leaf = np.full((k, n_layers, sizes["tree"]), -1, dtype=np.int32)
-        path_act = np.full((k, n_layers, sizes["tree"], sizes["level"]), np.nan, dtype=np.float32)
+        k, writer = item.trace_count, self._writer
+        traces: dict[str, np.ndarray] = {"sample_step": np.full(k, item.step)}
+        for name in writer.families:
+            family, sizes = FAMILIES[name], writer.group_sizes[name]
+            for var, v in family.traces.items():
+                shape = (k, sizes["layer"], *family.trace_shape(var, sizes))
+                traces[var] = np.full(shape, -1 if v.dtype.startswith("i") else np.nan, dtype=np.dtype(v.dtype))
         for li, (_, layer) in enumerate(self.layers):
-            trees, levels = layer.trees, layer.depth + 1
-            leaf[:, li, :trees] = ints[i : i + k * trees].reshape(k, trees)
-            path_act[:, li, :trees, :levels] = floats[f : f + k * trees * levels].reshape(k, trees, levels)
-            i, f = i + k * trees, f + k * trees * levels
-        traces = {"sample_step": np.full(k, item.step), "leaf": leaf, "path_act": path_act}
+            family, at = FAMILIES[layer.family], self._family_index[li]
+            for var, v in family.traces.items():
+                shape = (k, *family.trace_shape(var, self._sizes[li]))
+                size = int(np.prod(shape))
+                if v.dtype.startswith("i"):
+                    values, i = ints[i : i + size], i + size
+                else:
+                    values, f = floats[f : f + size], f + size
+                traces[var][(slice(None), at, *(slice(0, s) for s in shape[1:]))] = values.reshape(shape)
         if item.has_token_ids:
             sequence, position = ints[i : i + k], ints[i + k : i + 2 * k]
             context = ints[i + 2 * k : i + 2 * k + k * self.context].reshape(k, self.context)
@@ -322,15 +342,23 @@ class Recorder:
         return traces, i, f
 
 
-def _take_into(tree: dict, name: str, li: int, layer: TreeFFN, flat: np.ndarray, at: int, tokens: np.ndarray) -> int:
-    """Copy one layer's statistic out of a flat host buffer into its padded (layer, tree, x) row."""
-    if name == "tokens":
-        tokens[li] = flat[at]
-        return at + 1
-    width = 2**layer.depth - (1 if name.startswith("node_") else 0)
-    size = layer.trees * width
-    tree[name][li, : layer.trees, :width] = flat[at : at + size].reshape(layer.trees, width)
-    return at + size
+def _take_into(rows: dict[str, np.ndarray], names: tuple[str, ...], family: Family, at: int, sizes: dict[str, int],
+               flat: np.ndarray, start: int) -> int:  # fmt: skip
+    """Copy one layer's statistics out of a flat host buffer into their padded rows at layer position `at`."""
+    for name in names:
+        shape = family.layer_shape(name, sizes)
+        size = int(np.prod(shape, dtype=np.int64))
+        rows[name][(at, *(slice(0, s) for s in shape))] = flat[start : start + size].reshape(shape)
+        start += size
+    return start
+
+
+def _layout(name: str, layer: nn.Module) -> LayerLayout:
+    """What the writer needs to know about one routed layer."""
+    spec = layer.spec.to_dict()
+    if layer.family == "tree":
+        return LayerLayout(name, layer.depth, layer.trees, spec)
+    return LayerLayout(name, config=spec, family=layer.family)
 
 
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
@@ -349,7 +377,7 @@ def _to_host(flat: Tensor) -> Tensor:
     return host
 
 
-def _select_layers(model: nn.Module, modules: Iterable[str | nn.Module] | None) -> list[tuple[str, TreeFFN]]:
+def _select_layers(model: nn.Module, modules: Iterable[str | nn.Module] | None) -> list[tuple[str, nn.Module]]:
     found = find_routed_layers(model)
     if modules is not None:
         wanted = list(modules)
@@ -360,9 +388,10 @@ def _select_layers(model: nn.Module, modules: Iterable[str | nn.Module] | None) 
             raise ValueError(f"no routed layer named {sorted(unknown)}; routed layers: {[n for n, _ in found]}")
         found = [(name, layer) for name, layer in found if name in names or id(layer) in objects]
     if not found and modules is not None:
-        raise ValueError("none of the given modules is a routed layer (routescope.TreeFFN)")
+        raise ValueError("none of the given modules is a routed layer (TreeFFN, L1SparseFFN, TopKMoE)")
     if not found:
-        warnings.warn("the model has no routed layers (routescope.TreeFFN): only losses are recorded", stacklevel=3)
+        warnings.warn("the model has no routed layers (TreeFFN, L1SparseFFN, TopKMoE): only losses are recorded",
+                      stacklevel=3)
     return found
 
 

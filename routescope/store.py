@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 import h5py
 import numpy as np
 
+from routescope.schema import COMMON_TRACES, FAMILIES, TREE, Family, Variable, coordinate_values, layer_sizes
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 SCHEMA_VERSION = 1
@@ -32,29 +34,16 @@ SMALL_CHUNK_BYTES = 64 * 1024
 READ_CHUNK_BYTES = 64 * 1024 * 1024  # dask chunks when reading: many file chunks per task
 TRUNCATION_SLACK = 1 << 20  # space HDF5 may have reserved past the last byte it wrote before a kill
 
-# name: (dims, dtype, meaning). Names and dims are the public contract (DESIGN.md).
-TREE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "tokens": (("step",), "i8", "tokens that passed through each tree in the interval"),
-    "layer_tokens": (("step", "layer"), "i8", "tokens that passed through this layer in the interval"),
-    "node_visits": (("step", "layer", "tree", "node"), "i8", "tokens that reached decision node n"),
-    "node_right": (("step", "layer", "tree", "node"), "i8", "of those, tokens sent to the right child"),
-    "node_fires": (("step", "layer", "tree", "node"), "i8", "visiting tokens whose node neuron output was non-zero"),
-    "node_act_sum": (("step", "layer", "tree", "node"), "f8", "sum of z_n over visiting tokens"),
-    "node_act_sqsum": (("step", "layer", "tree", "node"), "f8", "sum of z_n^2 over visiting tokens"),
-    "leaf_visits": (("step", "layer", "tree", "leaf"), "i8", "tokens whose path ended at leaf j"),
-    "leaf_fires": (("step", "layer", "tree", "leaf"), "i8", "non-zero outputs of leaf j's units, summed over tokens"),
-    "leaf_act_sum": (("step", "layer", "tree", "leaf"), "f8", "sum of the leaf's z (leaf MLP: mean over its units)"),
-    "leaf_act_sqsum": (("step", "layer", "tree", "leaf"), "f8", "sum of the square of the same"),
-}
-TRACE_VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "sample_step": (("sample",), "i8", "step of the interval the sampled token was traced in"),
-    "token_id": (("sample",), "i4", "id of the sampled token (-1: not given to the recorder)"),
-    "sequence": (("sample",), "i4", "row of the token's batch (-1: not given)"),
-    "position": (("sample",), "i4", "position of the token in its sequence (-1: not given)"),
-    "context_ids": (("sample", "context"), "i4", "ids of the tokens up to and including it (-1: none)"),
-    "leaf": (("sample", "layer", "tree"), "i4", "leaf the token's path ended at (the path is implied)"),
-    "path_act": (("sample", "layer", "tree", "level"), "f4", "pre-activation z at each level of the path"),
-}
+# name: (dims, dtype, meaning). Names and dims are the public contract (DESIGN.md); declared in schema.py.
+def _as_tuples(variables: dict[str, Variable]) -> dict[str, tuple[tuple[str, ...], str, str]]:
+    return {name: (v.dims, v.dtype, v.meaning) for name, v in variables.items()}
+
+
+TREE_VARIABLES = _as_tuples(TREE.group_variables())
+L1_VARIABLES = _as_tuples(FAMILIES["l1"].group_variables())
+MOE_VARIABLES = _as_tuples(FAMILIES["moe"].group_variables())
+TRACE_VARIABLES = _as_tuples({**COMMON_TRACES, **TREE.traces})  # the tree family's traces (other families': schema)
+ALL_TRACE_VARIABLES = {**COMMON_TRACES, **{n: v for fam in FAMILIES.values() for n, v in fam.traces.items()}}
 RUN_FIXED_SCALARS: dict[str, str] = {"tokens_seen": "i8", "elapsed_s": "f8"}
 
 
@@ -64,12 +53,28 @@ class RunFileError(Exception):
 
 @dataclass
 class LayerLayout:
-    """Per-layer shape information the writer needs (the rest of a layer's config is an attribute)."""
+    """Per-layer information the writer needs: name, family and shape (the rest of its config is an attribute).
+
+    A tree layer gives depth and trees; a layer of another family gives its spec dict as `config`
+    (the keys routescope.schema.layer_sizes reads: d_hidden; experts and k).
+    """
 
     name: str
-    depth: int
-    trees: int
+    depth: int = 0
+    trees: int = 0
     config: dict[str, Any] = field(default_factory=dict)
+    family: str = "tree"
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """This layer's dimension sizes (tree: tree, node, leaf, level; l1: unit, bin; moe: expert, ...)."""
+        if self.family == "tree":
+            return layer_sizes("tree", {"depth": self.depth, "trees": self.trees})
+        return layer_sizes(self.family, self.config)
+
+    def value(self, key: str) -> Any:
+        """A per-layer descriptor (schema Family.layer_vars): depth and trees from the fields, the rest from config."""
+        return getattr(self, key) if key in ("depth", "trees") else self.config.get(key)
 
 
 def _attr_value(value: Any) -> Any:
@@ -97,7 +102,7 @@ def _create_growing(
     # h5py cannot chunk a fixed dimension of size 0 (a depth-0 tree has no decision nodes).
     maxshape = (None, *(s if s > 0 else None for s in row))
     chunks = (rows, *(max(s, 1) for s in row))
-    fill = np.nan if dt.kind == "f" else -1 if name in TRACE_VARIABLES else 0
+    fill = np.nan if dt.kind == "f" else -1 if name in ALL_TRACE_VARIABLES else 0
     return group.create_dataset(name, shape=(0, *row), maxshape=maxshape, chunks=chunks, dtype=dt,
                                 fillvalue=fill, **options)  # fmt: skip
 
@@ -117,7 +122,11 @@ def _attach_dims(group: h5py.Group, dset: h5py.Dataset, dims: tuple[str, ...]) -
 
 
 class RunWriter:
-    """Creates a run file and appends one interval at a time; flushes after each (SWMR readers see it)."""
+    """Creates a run file and appends one interval at a time; flushes after each (SWMR readers see it).
+
+    One group per layer family present (`tree`, `l1`, `moe`; routescope.schema), each with its own
+    `layer` dimension, plus `run` and (with sample_tokens > 0) `traces`.
+    """
 
     def __init__(
         self,
@@ -132,11 +141,19 @@ class RunWriter:
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise RunFileError(f"{self.path} already exists; choose another output path or pass overwrite")
+        unknown = sorted({layer.family for layer in layers} - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown layer family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
         self.scalars = tuple(scalars)
         self.layers = layers
-        max_depth = max((layer.depth for layer in layers), default=0)
+        self.families = {name: [lay for lay in layers if lay.family == name] for name in FAMILIES}
+        self.families = {name: group for name, group in self.families.items() if group}
+        self.group_sizes = {name: _group_sizes(group) for name, group in self.families.items()}
+        # `sizes`: the tree group's (empty when there is none), plus the traces' context length.
+        tree_layers = self.families.get("tree", [])
+        max_depth = max((layer.depth for layer in tree_layers), default=0)
         sizes = {
-            "layer": len(layers), "tree": max((layer.trees for layer in layers), default=0),
+            "layer": len(tree_layers), "tree": max((layer.trees for layer in tree_layers), default=0),
             "node": 2**max_depth - 1, "leaf": 2**max_depth, "level": max_depth + 1, "context": context,
         }  # fmt: skip
         self.file = h5py.File(self.path, "w", libver="latest")
@@ -144,15 +161,16 @@ class RunWriter:
         f.attrs.update(
             {
                 "schema_version": SCHEMA_VERSION,
-                "layers": json.dumps([{"name": layer.name, **layer.config} for layer in layers]),
+                "layers": json.dumps([{"name": layer.name, "family": layer.family, **layer.config} for layer in layers]),
                 **{k: _attr_value(v) for k, v in attrs.items()},
             }
         )
         state = f.create_dataset("run_state", data=np.int8(0))
         state.attrs.update({"flag_values": np.arange(len(RUN_STATES), dtype="i1"), "flag_meanings": " ".join(RUN_STATES)})
 
-        if layers:  # a run without routed layers (a dense baseline) records the `run` group only
-            self._create_tree_group(sizes)
+        # A run without routed layers (a dense baseline) records the `run` group only.
+        for name, group in self.families.items():
+            self._create_family_group(FAMILIES[name], group, self.group_sizes[name])
 
         run = f.create_group("run")
         _make_coordinate(run, "step")
@@ -161,33 +179,49 @@ class RunWriter:
             _attach_dims(run, dset, ("step",))
 
         self.sample_tokens = sample_tokens
+        self.trace_names: tuple[str, ...] = ()
         if sample_tokens > 0 and layers:
-            traces = f.create_group("traces")
-            _make_coordinate(traces, "sample")
-            for dim in ("layer", "tree", "level", "context"):
-                _make_coordinate(traces, dim, np.arange(sizes[dim]))
-            for name, (dims, dtype, meaning) in TRACE_VARIABLES.items():
-                dset = _create_growing(traces, name, dims, dtype, sizes, rows_per_write=sample_tokens)
-                dset.attrs["long_name"] = meaning
-                _attach_dims(traces, dset, dims)
+            self._create_traces_group(context)
         f.swmr_mode = True  # every dataset exists by now: SWMR forbids creating more
         self.sizes = sizes
 
-    def _create_tree_group(self, sizes: dict[str, int]) -> None:
-        layers = self.layers
-        tree = self.file.create_group("tree")
-        _make_coordinate(tree, "step")
-        for dim in ("layer", "tree", "node", "leaf"):
-            _make_coordinate(tree, dim, np.arange(sizes[dim]))
-        names = tree.create_dataset("layer_name", data=[layer.name for layer in layers], dtype=h5py.string_dtype())
-        depth = tree.create_dataset("layer_depth", data=np.array([layer.depth for layer in layers], dtype="i4"))
-        trees = tree.create_dataset("layer_trees", data=np.array([layer.trees for layer in layers], dtype="i4"))
-        for dset in (names, depth, trees):
-            _attach_dims(tree, dset, ("layer",))
-        for name, (dims, dtype, meaning) in TREE_VARIABLES.items():
-            dset = _create_growing(tree, name, dims, dtype, sizes)
-            dset.attrs["long_name"] = meaning
-            _attach_dims(tree, dset, dims)
+    def _create_family_group(self, family: Family, layers: list[LayerLayout], sizes: dict[str, int]) -> None:
+        group = self.file.create_group(family.name)
+        group.attrs["layers"] = json.dumps([{"name": layer.name, "family": layer.family, **layer.config} for layer in layers])
+        _make_coordinate(group, "step")
+        for dim in ("layer", *family.stat_dims):
+            _make_coordinate(group, dim, coordinate_values(dim, sizes[dim]))
+        layer_sets = [group.create_dataset("layer_name", data=[layer.name for layer in layers], dtype=h5py.string_dtype())]
+        for name, (key, dtype, meaning) in family.layer_vars.items():
+            values = [np.nan if layer.value(key) is None else layer.value(key) for layer in layers]
+            layer_sets.append(group.create_dataset(name, data=np.array(values, dtype=dtype)))
+            layer_sets[-1].attrs["long_name"] = meaning
+        for dset in layer_sets:
+            _attach_dims(group, dset, ("layer",))
+        for name, var in family.group_variables().items():
+            dset = _create_growing(group, name, var.dims, var.dtype, sizes)
+            dset.attrs["long_name"] = var.meaning
+            _attach_dims(group, dset, var.dims)
+        if "bin" in family.stat_dims:  # the fixed histogram bins, as edges (bin b: [edges[b], edges[b+1]))
+            group["active_hist"].attrs["bin_edges"] = coordinate_values("bin", sizes["bin"] + 1)
+
+    def _create_traces_group(self, context: int) -> None:
+        traces = self.file.create_group("traces")
+        _make_coordinate(traces, "sample")
+        variables = dict(COMMON_TRACES)
+        sizes: dict[str, int] = {"sample": 0, "context": context}
+        for name, group in self.families.items():
+            family = FAMILIES[name]
+            sizes[family.trace_layer_dim] = len(group)
+            sizes.update({dim: self.group_sizes[name][dim] for dim in family.trace_dims})
+            variables.update(family.traces)
+        for dim in dict.fromkeys(d for v in variables.values() for d in v.dims[1:]):
+            _make_coordinate(traces, dim, np.arange(sizes[dim]))
+        for name, var in variables.items():
+            dset = _create_growing(traces, name, var.dims, var.dtype, sizes, rows_per_write=self.sample_tokens)
+            dset.attrs["long_name"] = var.meaning
+            _attach_dims(traces, dset, var.dims)
+        self.trace_names = tuple(variables)
 
     @property
     def intervals(self) -> int:
@@ -196,27 +230,30 @@ class RunWriter:
     def append_interval(
         self,
         step: int,
-        tree: dict[str, np.ndarray],
+        tree: dict[str, np.ndarray] | None,
         scalars: dict[str, float],
         traces: dict[str, np.ndarray] | None = None,
+        groups: dict[str, dict[str, np.ndarray]] | None = None,
     ) -> None:
-        """Append one interval. `tree` maps each TREE_VARIABLES name to its row (layer, tree, x)."""
+        """Append one interval. `groups` maps each family group to {variable: row (layer, ...)} as in
+        routescope.schema; `tree` is the tree group's rows (shorthand for groups["tree"])."""
         f = self.file
+        groups = {**({"tree": tree} if tree is not None else {}), **(groups or {})}
         row = self.intervals
         if row and step <= int(f["run/step"][row - 1]):
             raise ValueError(f"steps must increase: {step} after {int(f['run/step'][row - 1])}")
-        if "tree" in f:
-            for name in TREE_VARIABLES:
-                _append_row(f["tree"][name], row, tree[name])
+        for name in self.families:
+            for var in FAMILIES[name].group_variables():
+                _append_row(f[name][var], row, groups[name][var])
         for name in f["run"]:
             if name != "step":
                 missing = np.nan if f["run"][name].dtype.kind == "f" else -1
                 _append_row(f["run"][name], row, scalars.get(name, missing))
-        coords = [(f[f"{group}/step"], row, step) for group in ("tree", "run") if group in f]
+        coords = [(f[f"{group}/step"], row, step) for group in (*self.families, "run")]
         if traces is not None and "traces" in f:
             group, first = f["traces"], f["traces/sample"].shape[0]
-            count = len(traces["leaf"])
-            for name in TRACE_VARIABLES:
+            count = len(traces["sample_step"])
+            for name in self.trace_names:
                 _append_rows(group[name], first, traces[name])
             coords.append((group["sample"], first, np.arange(first, first + count)))
         for dset, at, value in coords:  # coordinates last: they make the rows visible
@@ -230,6 +267,15 @@ class RunWriter:
         self.file["run_state"][()] = np.int8(RUN_STATES.index(state))
         self.file.flush()
         self.file.close()
+
+
+def _group_sizes(layers: list[LayerLayout]) -> dict[str, int]:
+    """A family group's dimension sizes: its layer count and, per dimension, the largest layer's size."""
+    sizes: dict[str, int] = {"layer": len(layers)}
+    for layer in layers:
+        for dim, size in layer.sizes.items():
+            sizes[dim] = max(sizes.get(dim, 0), size)
+    return sizes
 
 
 def _append_row(dset: h5py.Dataset, row: int, value: Any) -> None:
@@ -291,7 +337,8 @@ def _check_layout(f: h5py.File, p: Path) -> None:
             f"{p} was written with schema version {version}, newer than this routescope reads "
             f"({SCHEMA_VERSION}); upgrade routescope"
         )
-    expected = ["run/step"] + ([f"tree/{name}" for name in ("step", *TREE_VARIABLES)] if "tree" in f else [])
+    expected = ["run/step"] + [f"{group}/{name}" for group, family in FAMILIES.items() if group in f
+                               for name in ("step", *family.group_variables())]  # fmt: skip
     missing = [name for name in expected if name not in f]
     if missing:
         raise RunFileError(f"{p} has a routescope schema_version but lacks {missing[0]}; it is not a complete run file")
@@ -340,12 +387,14 @@ def group_dataset(f: h5py.File, group: str = "tree"):
         target = coords if name in dims else data_vars
         target[name] = xr.Variable(dims, values, attrs={k: v for k, v in dset.attrs.items() if k == "long_name"})
     attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    if "layers" in g.attrs:  # a family group lists its own layers (the root attribute lists all of them)
+        attrs["layers"] = g.attrs["layers"]
     attrs["run_state"] = RUN_STATES[int(f["run_state"][()])] if "run_state" in f else "unknown"
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
 def open_run(path: str | Path, group: str = "tree"):
-    """Open a run file as a lazy (dask-backed) xarray Dataset of one group: "tree", "run" or "traces".
+    """Open a run file as a lazy (dask-backed) xarray Dataset of one group: "tree", "l1", "moe", "run" or "traces".
 
     Works on finished runs, runs still being written (SWMR) and runs killed mid-interval.
     """
@@ -381,7 +430,8 @@ def describe(path: str | Path) -> dict[str, Any]:
     try:
         run = group_dataset(f, "run")  # every run has it; `tree` is absent for a dense baseline
         steps = run["step"].values
-        tree = group_dataset(f, "tree") if "tree" in f else None
+        present = [name for name in FAMILIES if name in f]
+        tree = group_dataset(f, present[0]) if present else None  # the first family group present
         if tree is not None:
             steps = tree["step"].values  # may be one row ahead of `run` after a kill mid-interval
         summary = {
@@ -394,6 +444,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             "last_step": int(steps[-1]) if len(steps) else None,
             "tokens": int(tree["tokens"].sum().compute()) if tree is not None else int(run["tokens_seen"].values.max(initial=0)),
             "layers": json.loads(f.attrs.get("layers", "[]")),
+            "families": {name: int(f[name]["layer"].shape[0]) for name in present},
             "config": json.loads(f.attrs["config"]) if "config" in f.attrs else {},
             "samples": int(f["traces/sample"].shape[0]) if "traces" in f else 0,
             "versions": {k: str(f.attrs[k]) for k in ("routescope_version", "torch_version") if k in f.attrs},

@@ -1,6 +1,6 @@
-"""Routed FFN layers (nn.Modules) that keep their own routing accumulators for the recorder.
+"""The tree FFN layer (DESIGN.md, family 1): TreeFFN, its spec, and the fastfeedforward converter.
 
-A layer updates its accumulators inside its own forward when `recording` is on: no hooks (which
+The layer updates its accumulators inside its own forward when `recording` is on: no hooks (which
 torch.compile drops) and no host sync; the recorder reads and zeroes them at interval ends.
 """
 
@@ -22,6 +22,7 @@ from routescope.kernels.tree_reference import (
     neuron_forward,
     new_tree_stats,
 )
+from routescope.schema import layer_sizes
 
 VARIANTS = ("neuron", "leaf_mlp")
 PLACEMENTS = ("node", "output")
@@ -62,6 +63,8 @@ class TreeFFN(nn.Module):
     y = Σ_path act(z)·u (placement "node") or act(Σ_path z·u) (placement "output"); variant="leaf_mlp":
     decision nodes only route and each leaf is an MLP of `leaf_width` units.
     """
+
+    family = "tree"  # the run file's group (routescope.schema.TREE)
 
     def __init__(
         self,
@@ -206,6 +209,19 @@ class TreeFFN(nn.Module):
         """Zero the accumulators in place (keeps buffer identity, so compiled graphs stay valid)."""
         torch._foreach_zero_(list(self.routing_stats().values()))  # one launch per dtype group, not one per buffer
 
+    def stat_sizes(self) -> dict[str, int]:
+        """This layer's dimension sizes in the file (tree, node, leaf, level)."""
+        return layer_sizes("tree", self.spec.to_dict())
+
+    def traced_tokens(self) -> int | None:
+        """Tokens in `last_trace` (None when the last forward kept no trace)."""
+        return None if self.last_trace is None else self.last_trace.path.shape[0]
+
+    def trace_rows(self, index: Tensor) -> dict[str, Tensor]:
+        """The sampled tokens' rows of the trace variables: leaf (k, T) and path_act (k, T, d+1)."""
+        trace, nodes = self.last_trace, 2**self.depth - 1
+        return {"leaf": trace.path[index, :, self.depth] - nodes, "path_act": trace.z[index]}
+
     @classmethod
     def from_fastfeedforward(cls, fff: nn.Module, output_bias: bool = False) -> TreeFFN:
         """Convert a `fastfeedforward.FFF` (0.2.1) to an equivalent leaf-MLP TreeFFN.
@@ -239,8 +255,3 @@ def _activation_name(module: nn.Module) -> str:
         if isinstance(module, kind):
             return name
     raise ValueError(f"cannot convert activation {module!r}; supported: GELU, ReLU, SiLU, Tanh, Sigmoid, Identity")
-
-
-def find_routed_layers(model: nn.Module) -> list[tuple[str, TreeFFN]]:
-    """All routed layers of a model in module order, with their qualified names."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, TreeFFN)]
