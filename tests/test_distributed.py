@@ -74,6 +74,13 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         with Recorder(ddp, Path(out) / f"rank{rank}.h5", every=EVERY, sample_tokens=4) as rec:
             train(ddp, rec, rank)
         (Path(out) / f"calls{rank}.json").write_text(json.dumps(calls))
+        # Ranks that disagree on the tensor scalars get a clear error on every rank (not a hang).
+        try:
+            with Recorder(model, Path(out) / f"mismatch{rank}.h5", every=1, sample_tokens=0) as rec:
+                model(global_batches()[0])
+                rec.step(loss=torch.tensor(1.0) if rank == 0 else None)
+        except RuntimeError as err:
+            (Path(out) / f"mismatch{rank}.txt").write_text(str(err))
     finally:
         dist.all_reduce = all_reduce
         dist.destroy_process_group()
@@ -86,6 +93,7 @@ def test_two_ranks_equal_one_process_over_all_tokens(tmp_path: Path) -> None:
     for rank in range(WORLD):  # one all-reduce per dtype per interval, none per step
         calls = json.loads((tmp_path / f"calls{rank}.json").read_text())
         assert calls.count("routescope.distributed") == 2 * 3, calls
+        assert "different tensor scalars" in (tmp_path / f"mismatch{rank}.txt").read_text()
 
     torch.manual_seed(0)
     model = Net()
