@@ -142,7 +142,7 @@ def info(
     path: Annotated[Path, typer.Argument(help="Run file (.h5).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Print what a run file holds: steps, layers, trees, depth, state and configuration."""
+    """Print what a run file holds: steps, layers of each family (tree, l1, moe), state and configuration."""
     from routescope.store import describe
 
     try:
@@ -157,13 +157,12 @@ def info(
     steps = (f"{summary['intervals']} intervals, steps {summary['first_step']}–{summary['last_step']}"
              if summary["intervals"] else "no complete interval yet")  # fmt: skip
     console.print(f"{steps}; {summary['tokens']:,} tokens; {summary['samples']:,} sampled token traces")
-    table = Table("layer", "name", "family", "variant", "depth", "trees", "units/tree", "activation", "placement", box=None)
-    for i, layer in enumerate(summary["layers"]):
-        table.add_row(str(i), layer["name"], layer.get("family", "?"), layer.get("variant", ""), str(layer.get("depth", "")),
-                      str(layer.get("trees", "")), str(layer.get("units_per_tree", "")), layer.get("activation", ""),
-                      layer.get("placement", ""))  # fmt: skip
+    if summary.get("families"):
+        groups = ", ".join(f"{name} ({n} layer{'s' if n != 1 else ''})" for name, n in summary["families"].items())
+        console.print(f"groups: {groups} (routescope.open(path, group=NAME))")
     if summary["layers"]:
-        console.print(table)
+        for table in _layer_tables(summary["layers"]):
+            console.print(table)
     else:
         console.print("no routed layers recorded (losses only)")
     preset = summary["config"].get("preset")
@@ -171,6 +170,35 @@ def info(
         console.print(f"config: {preset.get('description') or ''} steps={preset['steps']} batch={preset['batch_size']} "
                       f"lr={preset['lr']} seed={preset['seed']} device={summary['config'].get('device')}")  # fmt: skip
     console.print(f"versions: {', '.join(f'{k}={v}' for k, v in summary['versions'].items())}")
+
+
+# Per family: the columns `info` shows (header, key in the layer's spec). "layer" is the index in the family's group.
+INFO_COLUMNS = {
+    "tree": [("variant", "variant"), ("depth", "depth"), ("trees", "trees"), ("units/tree", "units_per_tree"),
+             ("activation", "activation"), ("placement", "placement")],
+    "l1": [("d_in", "d_in"), ("units", "d_hidden"), ("d_out", "d_out"), ("l1_coef", "l1_coef"), ("gated", "gated"),
+           ("bias", "bias")],
+    "moe": [("experts", "experts"), ("k", "k"), ("width", "expert_width"), ("capacity", "capacity_factor"),
+            ("activation", "activation"), ("balance", "balance_coef")],
+}  # fmt: skip
+
+
+def _layer_tables(layers: list[dict]) -> list[Table]:
+    """One table per layer family in the file (group `tree`, `l1`, `moe`), tree first."""
+    tables = []
+    for family, columns in INFO_COLUMNS.items():
+        mine = [layer for layer in layers if layer.get("family", "tree") == family]
+        if not mine:
+            continue
+        table = Table("layer", "name", "family", *(header for header, _ in columns), box=None)
+        for i, layer in enumerate(mine):
+            table.add_row(str(i), layer["name"], family, *(_cell(layer.get(key)) for _, key in columns))
+        tables.append(table)
+    return tables
+
+
+def _cell(value: object) -> str:
+    return "–" if value is None else str(value)
 
 
 @app.command()
@@ -181,7 +209,8 @@ def report(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report object (DESIGN.md keys) as JSON.")] = False,
     events: Annotated[bool, typer.Option("--events", help="Also count pruning events and score the early warning.")] = False,
 ) -> None:
-    """Routing metrics per layer over a window of steps: entropy, balance, dead/frozen/static fractions, ..."""
+    """Routing metrics per layer over a window of steps: tree entropy, balance, dead/frozen/static fractions;
+    L1 active units per token and dead units; MoE expert load, router entropy, drops."""
     from routescope.metrics import MetricsError, parse_window
     from routescope.report import build_report, compare_table, report_table
 

@@ -1,5 +1,6 @@
 """Routing-dynamics metrics over windows of steps (DESIGN.md, "Metrics"): one implementation for the
-CLI, the dashboard and the notebooks.
+CLI, the dashboard and the notebooks. This file holds the tree family's; the L1 and MoE families'
+(`summarize_family`, `family_timeseries`, ...) are in metrics_families.py and reachable from here.
 
 Every metric is computed from counts summed over a window of intervals, per tree, then averaged over
 the trees of a layer (plain mean). Entropies are in bits. The core works on numpy arrays with any
@@ -366,3 +367,19 @@ def mutual_information(traces: xr.Dataset, window: tuple[int | None, int | None]
         if values:
             result[layer] = float(np.mean(values))
     return xr.DataArray(result, dims=("layer",), coords={"layer": traces["layer"].values}, name="mutual_information")
+
+
+# The L1 and MoE families' metrics live in metrics_families.py (which imports this module); they are
+# reachable from here too, imported on first use so that neither module imports the other at load time.
+_FAMILY_NAMES = ("L1_METRICS", "MOE_METRICS", "FAMILY_METRICS", "FamilyLayer", "family_layers", "histogram_quantile",
+                 "l1_metrics_numpy", "moe_metrics_numpy", "select_family_layers", "summarize_family",
+                 "family_timeseries")  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """routescope.metrics.summarize_family and the other L1/MoE metrics (see metrics_families.py)."""
+    if name in _FAMILY_NAMES:
+        from routescope import metrics_families
+
+        return getattr(metrics_families, name)
+    raise AttributeError(f"module 'routescope.metrics' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""A small GPT whose MLP blocks are TreeFFN layers (or dense, for a baseline). Byte-level tokens.
+"""A small GPT whose MLP blocks are routed layers (tree, L1-sparse or top-k MoE) or dense. Byte-level tokens.
 
 Read top-down: config, attention, MLP choice, block, model. Shapes: B batch, S sequence, C d_model.
 """
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routescope.layers import TreeFFN
+from routescope.layers import L1SparseFFN, TopKMoE, TreeFFN
 
 
 @dataclass
@@ -22,8 +22,8 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
-    mlp: str = "tree"  # "tree" (TreeFFN) or "dense" (d_model -> dense_width -> d_model baseline)
-    dense_width: int = 512  # hidden units of the dense baseline (4 x d_model, as in GPT-2)
+    mlp: str = "tree"  # "tree" (TreeFFN), "l1" (L1SparseFFN), "moe" (TopKMoE) or "dense" (the baseline)
+    dense_width: int = 512  # hidden units of the dense baseline and of the L1 layer (4 x d_model, as in GPT-2)
     depth: int = 7  # tree depth d: decisions per token; a token uses d+1 of 2^(d+1)-1 neurons per tree
     trees: int = 2  # trees per layer; 2 trees of depth 7 hold 510 neurons (the dense width), 16 active (3.1%)
     variant: str = "neuron"  # "neuron" (seed paper, UltraFastBERT) or "leaf_mlp" (Belcak's FFF)
@@ -32,6 +32,12 @@ class GPTConfig:
     placement: str = "node"  # "node": act per neuron before the path sum; "output": act after it
     bias: bool = True
     backend: str = "auto"  # TreeFFN backend: Triton kernels on CUDA, the torch reference on CPU
+    l1_coef: float = 0.05  # mlp="l1": weight of the L1 penalty on the gates (times mean |g|), added to the loss
+    experts: int = 8  # mlp="moe": experts per layer
+    k: int = 2  # mlp="moe": experts per token
+    expert_width: int = 64  # mlp="moe": hidden units per expert (k x 64 = 128 active of 512, a quarter)
+    capacity_factor: float | None = None  # mlp="moe": None = no capacity limit (no token dropped)
+    balance_coef: float = 0.0  # mlp="moe": Switch load-balancing loss weight (0: off, routing left free)
 
 
 class CausalSelfAttention(nn.Module):
@@ -50,7 +56,7 @@ class CausalSelfAttention(nn.Module):
 
 
 def make_mlp(cfg: GPTConfig) -> nn.Module:
-    """The block's feed-forward part: a routed TreeFFN or the dense baseline."""
+    """The block's feed-forward part: a routed layer (tree, l1, moe) or the dense baseline."""
     if cfg.mlp == "dense":
         return nn.Sequential(nn.Linear(cfg.d_model, cfg.dense_width), nn.GELU(), nn.Linear(cfg.dense_width, cfg.d_model))
     if cfg.mlp == "tree":
@@ -59,7 +65,14 @@ def make_mlp(cfg: GPTConfig) -> nn.Module:
             activation=cfg.activation, placement=cfg.placement if cfg.variant == "neuron" else "node", bias=cfg.bias,
             backend=cfg.backend,
         )  # fmt: skip
-    raise ValueError(f"mlp must be 'tree' or 'dense', got {cfg.mlp!r}")
+    if cfg.mlp == "l1":
+        return L1SparseFFN(cfg.d_model, cfg.dense_width, cfg.d_model, l1_coef=cfg.l1_coef, bias=cfg.bias)
+    if cfg.mlp == "moe":
+        return TopKMoE(
+            cfg.d_model, cfg.d_model, experts=cfg.experts, k=cfg.k, expert_width=cfg.expert_width,
+            capacity_factor=cfg.capacity_factor, activation=cfg.activation, bias=cfg.bias, balance_coef=cfg.balance_coef,
+        )  # fmt: skip
+    raise ValueError(f"mlp must be 'tree', 'l1', 'moe' or 'dense', got {cfg.mlp!r}")
 
 
 class Block(nn.Module):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from routescope.layers import aux_loss
 from routescope.recorder import Recorder
 from routescope.trainers.data import Corpus
 from routescope.trainers.model import GPT
@@ -106,7 +107,8 @@ def train(
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             _, loss = model(x, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # The routed layers' own terms (L1 penalty, MoE balance loss); the recorded loss is the task's alone.
+            (loss + aux_loss(model)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             if step % cfg.eval_every == 0 or step == cfg.steps:

@@ -1,0 +1,192 @@
+"""Metrics of the L1-sparse and MoE families (DESIGN.md, "Metrics"); use them through routescope.metrics.
+
+Like the tree metrics, each is computed from counts summed over a window of intervals, per layer.
+The numpy cores take any leading shape, so one function gives a window summary and a time series.
+
+L1 (group `l1`): the per-token active-unit count distribution from `active_hist` (fixed bins,
+routescope.schema.active_bin_edges) — `active_mean` is exact (active_sum / tokens); `active_p50`,
+`active_p99` and `active_max` are read off the histogram as the lower edge of the bin that holds
+the p-quantile token (the first bin whose cumulative count reaches p · tokens) or the highest
+non-empty bin: exact up to 11 active units, at most 9% low above. `unit_firing_rate` = unit_fires /
+tokens per unit; `dead_units` = units no token fired in the window; `active_fraction` = mean active
+units / d_hidden.
+MoE (group `moe`): `tokens_per_expert` (processed selections), `load_cv` (population std / mean of
+it), `max_mean_load` (max / mean), `dead_experts` (experts that processed no token), `router_entropy`
+(mean over tokens of the router softmax's entropy, bits; `router_entropy_norm`: / log2 E),
+`drop_fraction` (dropped / (k · tokens)), `active_fraction` (processed selections per token / E).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from routescope.metrics import MetricsError, select_window, window_counts
+
+L1_METRICS = ("active_mean", "active_p50", "active_p99", "active_max", "active_fraction", "dead_units", "dead_fraction")
+MOE_METRICS = ("load_cv", "max_mean_load", "dead_experts", "router_entropy", "router_entropy_norm", "drop_fraction",
+               "active_fraction")  # fmt: skip
+FAMILY_METRICS = {"l1": L1_METRICS, "moe": MOE_METRICS}
+FAMILY_VECTORS = {"l1": ("unit_firing_rate", "unit"), "moe": ("tokens_per_expert", "expert")}  # per-unit / per-expert
+FAMILY_COUNTS = {
+    "l1": ("tokens", "unit_fires", "active_sum", "active_hist"),
+    "moe": ("tokens", "expert_tokens", "dropped_tokens", "router_entropy_sum", "router_prob_sum"),
+}
+
+
+@dataclass(frozen=True)
+class FamilyLayer:
+    """One recorded L1 or MoE layer: its index in its group, name, and width (units or experts)."""
+
+    index: int
+    name: str
+    family: str
+    width: int  # d_hidden (l1) or experts (moe)
+    k: int  # experts per token (moe); 0 for l1
+    config: dict[str, Any]
+
+
+def family_layers(ds: xr.Dataset, family: str) -> list[FamilyLayer]:
+    """The layers of an `l1` or `moe` group, from its layer variables and `layers` attribute."""
+    configs = json.loads(ds.attrs.get("layers", "[]"))
+    width_var = "layer_units" if family == "l1" else "layer_experts"
+    out = []
+    for i in range(ds.sizes["layer"]):
+        k = int(ds["layer_k"].values[i]) if family == "moe" else 0
+        out.append(FamilyLayer(i, str(ds["layer_name"].values[i]), family, int(ds[width_var].values[i]), k,
+                               configs[i] if i < len(configs) else {}))  # fmt: skip
+    return out
+
+
+def histogram_quantile(hist: np.ndarray, lower_edges: np.ndarray, q: float) -> np.ndarray:
+    """The lower edge of the bin holding the q-quantile of a histogram (last axis); NaN when empty."""
+    hist = np.asarray(hist, dtype=np.float64)
+    cum = np.cumsum(hist, axis=-1)
+    total = cum[..., -1:]
+    first = np.argmax(cum >= q * total - 1e-9 * total, axis=-1)  # first bin reaching q * total
+    value = np.asarray(lower_edges, dtype=np.float64)[first]
+    return np.where(total[..., 0] > 0, value, np.nan)
+
+
+def l1_metrics_numpy(counts: dict[str, np.ndarray], units: int, lower_edges: np.ndarray) -> dict[str, np.ndarray]:
+    """L1 metrics of one layer from window-summed counts: tokens (...), unit_fires (..., U),
+    active_sum (...), active_hist (..., bins). Returns arrays (...) and unit_firing_rate (..., U)."""
+    tokens = np.asarray(counts["tokens"], dtype=np.float64)
+    fires = np.asarray(counts["unit_fires"])[..., :units]
+    hist = np.asarray(counts["active_hist"])
+    bins = min(hist.shape[-1], len(lower_edges))
+    hist, edges = hist[..., :bins], np.asarray(lower_edges)[:bins]
+    nonempty = hist > 0
+    top = np.where(nonempty.any(-1), bins - 1 - np.argmax(nonempty[..., ::-1], axis=-1), 0)
+    dead = (fires == 0).sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(tokens > 0, counts["active_sum"] / tokens, np.nan)
+        return {
+            "active_mean": mean,
+            "active_p50": histogram_quantile(hist, edges, 0.5),
+            "active_p99": histogram_quantile(hist, edges, 0.99),
+            "active_max": np.where(tokens > 0, edges[top], np.nan),
+            "active_fraction": mean / units,
+            "dead_units": np.where(tokens > 0, dead, np.nan),
+            "dead_fraction": np.where(tokens > 0, dead / units, np.nan),
+            "unit_firing_rate": np.where(tokens[..., None] > 0, fires / tokens[..., None], np.nan),
+        }
+
+
+def moe_metrics_numpy(counts: dict[str, np.ndarray], experts: int, k: int) -> dict[str, np.ndarray]:
+    """MoE metrics of one layer from window-summed counts: tokens (...), expert_tokens (..., E),
+    dropped_tokens (...), router_entropy_sum (...). Returns arrays (...) and tokens_per_expert (..., E)."""
+    tokens = np.asarray(counts["tokens"], dtype=np.float64)
+    load = np.asarray(counts["expert_tokens"], dtype=np.float64)[..., :experts]
+    mean = load.mean(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = np.where(tokens > 0, counts["router_entropy_sum"] / tokens, np.nan)
+        return {
+            "load_cv": np.where(mean > 0, load.std(-1) / mean, np.nan),
+            "max_mean_load": np.where(mean > 0, load.max(-1) / mean, np.nan),
+            "dead_experts": np.where(tokens > 0, (load == 0).sum(-1), np.nan),
+            "router_entropy": entropy,
+            "router_entropy_norm": entropy / np.log2(experts) if experts > 1 else np.full_like(entropy, np.nan),
+            "drop_fraction": np.where(tokens > 0, counts["dropped_tokens"] / (k * tokens), np.nan),
+            "active_fraction": np.where(tokens > 0, load.sum(-1) / (tokens * experts), np.nan),
+            "tokens_per_expert": load,
+        }
+
+
+def _layer_metrics(counts: dict[str, np.ndarray], layer: FamilyLayer, ds: xr.Dataset, leading: int) -> dict[str, np.ndarray]:
+    """One layer's metrics from group-wide counts shaped (lead..., layer, ...)."""
+    idx = (slice(None),) * leading + (layer.index,)
+    mine = {name: (value if name == "tokens" else value[idx]) for name, value in counts.items()}
+    if "layer_tokens" in counts:
+        mine["tokens"] = counts["layer_tokens"][idx]
+    if layer.family == "l1":
+        return l1_metrics_numpy(mine, layer.width, ds["bin"].values)
+    return moe_metrics_numpy(mine, layer.width, layer.k)
+
+
+def _check_family(ds: xr.Dataset, family: str) -> None:
+    if family not in FAMILY_METRICS:
+        raise MetricsError(f"no family metrics for {family!r}; families: {', '.join(FAMILY_METRICS)} (tree: summarize)")
+    needed = FAMILY_COUNTS[family][1:]
+    if any(name not in ds for name in needed):
+        raise MetricsError(f"this Dataset is not a {family!r} group; open it with routescope.open(path, group={family!r})")
+
+
+def select_family_layers(ds: xr.Dataset, family: str, layers: list[int] | None) -> list[FamilyLayer]:
+    """The chosen layers of an l1/moe group (all when `layers` is None); a clear error for a bad index."""
+    infos = family_layers(ds, family)
+    if layers is None:
+        return infos
+    bad = [i for i in layers if not 0 <= i < len(infos)]
+    if bad:
+        raise MetricsError(f"no {family} layer {bad[0]} in this run; it has {family} layers 0..{len(infos) - 1}")
+    return [infos[i] for i in layers]
+
+
+def summarize_family(ds: xr.Dataset, family: str, window: tuple[int | None, int | None] = (None, None),
+                     layers: list[int] | None = None) -> xr.Dataset:  # fmt: skip
+    """Window metrics per layer of an `l1` or `moe` group (dims layer; unit_firing_rate (layer, unit),
+    tokens_per_expert (layer, expert))."""
+    _check_family(ds, family)
+    infos = select_family_layers(ds, family, layers)
+    selected = select_window(ds, window)
+    counts = window_counts(selected, (*FAMILY_COUNTS[family], "layer_tokens"))
+    vector, vdim = FAMILY_VECTORS[family]
+    width = ds.sizes[vdim]
+    data = {name: np.full(len(infos), np.nan) for name in FAMILY_METRICS[family]}
+    vec = np.full((len(infos), width), np.nan)
+    for row, info in enumerate(infos):
+        values = _layer_metrics(counts, info, ds, leading=0)
+        for name in FAMILY_METRICS[family]:
+            data[name][row] = values[name]
+        vec[row, : info.width] = values[vector]
+    out = {name: (("layer",), v) for name, v in data.items()}
+    out[vector] = (("layer", vdim), vec)
+    steps = selected["step"].values
+    return xr.Dataset(out, coords={"layer": [info.index for info in infos], vdim: ds[vdim].values},
+                      attrs={"family": family, "window_first_step": int(steps[0]), "window_last_step": int(steps[-1]),
+                             "intervals": len(steps)})  # fmt: skip
+
+
+def family_timeseries(ds: xr.Dataset, family: str, rolling: int | None = 10, layers: list[int] | None = None) -> xr.Dataset:
+    """Each l1/moe metric per interval over the last `rolling` intervals (None: cumulative); dims (step, layer)."""
+    _check_family(ds, family)
+    infos = select_family_layers(ds, family, layers)
+    names = (*FAMILY_COUNTS[family], "layer_tokens")
+    raw = {n: ds[n].values for n in names if n in ds}  # these groups are small: KBs per interval
+    cum = {n: np.cumsum(v, axis=0) for n, v in raw.items()}
+    if rolling is not None:
+        cum = {n: c - np.concatenate([np.zeros((rolling,) + c.shape[1:], c.dtype), c])[: len(c)] for n, c in cum.items()}
+    steps = ds["step"].values
+    data = {name: np.full((len(steps), len(infos)), np.nan) for name in FAMILY_METRICS[family]}
+    for row, info in enumerate(infos):
+        values = _layer_metrics(cum, info, ds, leading=1)
+        for name in FAMILY_METRICS[family]:
+            data[name][:, row] = values[name]
+    return xr.Dataset({n: (("step", "layer"), v) for n, v in data.items()},
+                      coords={"step": steps, "layer": [info.index for info in infos]},
+                      attrs={"family": family, "rolling": rolling if rolling is not None else "cumulative"})  # fmt: skip
