@@ -7,7 +7,7 @@ L1 (group `l1`): the per-token active-unit count distribution from `active_hist`
 routescope.schema.active_bin_edges) — `active_mean` is exact (active_sum / tokens); `active_p50`,
 `active_p99` and `active_max` are read off the histogram as the lower edge of the bin that holds
 the p-quantile token (the first bin whose cumulative count reaches p · tokens) or the highest
-non-empty bin: exact up to 11 active units, at most 9% low above. `unit_firing_rate` = unit_fires /
+non-empty bin: exact up to 14 active units, at most 12% low above. `unit_firing_rate` = unit_fires /
 tokens per unit; `dead_units` = units no token fired in the window; `active_fraction` = mean active
 units / d_hidden.
 MoE (group `moe`): `tokens_per_expert` (processed selections), `load_cv` (population std / mean of

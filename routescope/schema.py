@@ -138,7 +138,8 @@ def active_bin_edges(width: int) -> np.ndarray:
     """Fixed log-spaced bin edges for per-token active-unit counts 0..width (int64, length bins + 1).
 
     Bin b holds counts in [edges[b], edges[b+1]): bin 0 is exactly 0, then the integer parts of
-    2^(i/8) (8 bins per octave), so bins are one count wide up to 11 and at most 9% wide above.
+    2^(i/8) (8 bins per octave), so bins are one count wide up to 14 and above that at most 12% of
+    their lower edge wide (tending to 9% = 2^(1/8) - 1 for large counts).
     The sequence is the same for every width (a prefix of one fixed list); the last edge exceeds width.
     """
     if width < 0:
