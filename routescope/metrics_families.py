@@ -10,8 +10,10 @@ the p-quantile token (the first bin whose cumulative count reaches p · tokens) 
 non-empty bin: exact up to 14 active units, at most 12% low above. `unit_firing_rate` = unit_fires /
 tokens per unit; `dead_units` = units no token fired in the window; `active_fraction` = mean active
 units / d_hidden.
-MoE (group `moe`): `tokens_per_expert` (processed selections), `load_cv` (population std / mean of
-it), `max_mean_load` (max / mean), `dead_experts` (experts that processed no token), `router_entropy`
+MoE (group `moe`): `tokens_per_expert` (selections processed, after capacity drops); `load_cv`
+(population std / mean) and `max_mean_load` (max / mean) of the load the router asks for, i.e. of
+the selections before drops (the diagonal of `coselect`; capacity would hide an imbalance after
+them); `dead_experts` (experts that no token selected, hence processed none), `router_entropy`
 (mean over tokens of the router softmax's entropy, bits; `router_entropy_norm`: / log2 E),
 `drop_fraction` (dropped / (k · tokens)), `active_fraction` (processed selections per token / E).
 """
@@ -34,7 +36,7 @@ FAMILY_METRICS = {"l1": L1_METRICS, "moe": MOE_METRICS}
 FAMILY_VECTORS = {"l1": ("unit_firing_rate", "unit"), "moe": ("tokens_per_expert", "expert")}  # per-unit / per-expert
 FAMILY_COUNTS = {
     "l1": ("tokens", "unit_fires", "active_sum", "active_hist"),
-    "moe": ("tokens", "expert_tokens", "dropped_tokens", "router_entropy_sum", "router_prob_sum"),
+    "moe": ("tokens", "expert_tokens", "dropped_tokens", "coselect", "router_entropy_sum", "router_prob_sum"),
 }
 
 
@@ -99,21 +101,23 @@ def l1_metrics_numpy(counts: dict[str, np.ndarray], units: int, lower_edges: np.
 
 def moe_metrics_numpy(counts: dict[str, np.ndarray], experts: int, k: int) -> dict[str, np.ndarray]:
     """MoE metrics of one layer from window-summed counts: tokens (...), expert_tokens (..., E),
-    dropped_tokens (...), router_entropy_sum (...). Returns arrays (...) and tokens_per_expert (..., E)."""
+    dropped_tokens (...), coselect (..., E, E), router_entropy_sum (...). Returns arrays (...) and
+    tokens_per_expert (..., E)."""
     tokens = np.asarray(counts["tokens"], dtype=np.float64)
-    load = np.asarray(counts["expert_tokens"], dtype=np.float64)[..., :experts]
-    mean = load.mean(-1)
+    processed = np.asarray(counts["expert_tokens"], dtype=np.float64)[..., :experts]
+    selected = np.diagonal(np.asarray(counts["coselect"], dtype=np.float64), axis1=-2, axis2=-1)[..., :experts]
+    mean = selected.mean(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = np.where(tokens > 0, counts["router_entropy_sum"] / tokens, np.nan)
         return {
-            "load_cv": np.where(mean > 0, load.std(-1) / mean, np.nan),
-            "max_mean_load": np.where(mean > 0, load.max(-1) / mean, np.nan),
-            "dead_experts": np.where(tokens > 0, (load == 0).sum(-1), np.nan),
+            "load_cv": np.where(mean > 0, selected.std(-1) / mean, np.nan),
+            "max_mean_load": np.where(mean > 0, selected.max(-1) / mean, np.nan),
+            "dead_experts": np.where(tokens > 0, (selected == 0).sum(-1), np.nan),
             "router_entropy": entropy,
             "router_entropy_norm": entropy / np.log2(experts) if experts > 1 else np.full_like(entropy, np.nan),
             "drop_fraction": np.where(tokens > 0, counts["dropped_tokens"] / (k * tokens), np.nan),
-            "active_fraction": np.where(tokens > 0, load.sum(-1) / (tokens * experts), np.nan),
-            "tokens_per_expert": load,
+            "active_fraction": np.where(tokens > 0, processed.sum(-1) / (tokens * experts), np.nan),
+            "tokens_per_expert": processed,
         }
 
 
