@@ -25,9 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metrics_large import write_synthetic  # noqa: E402
+from metrics_large import write_synthetic
 
-from routescope.dashboards.app import Dashboard  # noqa: E402
+from routescope.dashboards.app import Dashboard
 
 
 def _payload(result: object) -> int:

@@ -1,27 +1,33 @@
 """Fused, instrumented Triton kernels for the neuron-per-node tree FFN: forward and backward.
 
-The specification is `tree_reference.neuron_forward` (same math, same heap numbering). One program
-handles a block of BM tokens for all T trees:
+The specification is `tree_reference.neuron_forward` (same math, same heap numbering). The kernels
+split each tree of depth d at level TOP = d + 1 − `sub_levels`: the top levels (2^TOP − 1 nodes) and
+2^TOP subtrees of `sub_levels` levels (2^sub_levels − 1 units each, at most 64 by default).
 
-- the top `TOP` decision levels (few nodes, many tokens each) run as dense `tl.dot` against the
-  contiguous rows 0 .. 2^TOP - 2 of each tree, so x is read once for all of them and their weights
-  once per block; the deeper levels gather each token's own row (w[t, node] and u[t, node]);
-- when `RECORD` is set, the forward adds the DESIGN.md per-node statistics of the batch straight into
-  the layer's int64 / float64 accumulators: block-reduced (one atomic per node and block) for the top
-  levels, one atomic per token below, where few tokens share a node: no second pass over anything;
-- the routing leaves as a by-product: the leaf per token and tree (the path is implied by it) and the
-  pre-activation z at each unit of the path, which the backward reuses with the routing held fixed.
+Forward, two launches:
+1. `_route_top_kernel` (skipped when TOP = 0): per block of tokens, z of every top node as one dense
+   `tl.dot` against the contiguous rows 0 .. 2^TOP − 2, the routing through the top levels, and a
+   counting sort of the tokens by the subtree they enter (one atomic per subtree and block).
+2. `_subtree_kernel`: per block of tokens that share a subtree, z of all its units as one dense
+   `tl.dot` against the subtree's rows, the routing inside it, then y = A·U with A the (tokens ×
+   units) matrix of act(z) on the path: tensor-core work on rows read once per block, not per token.
+   The top levels' contributions are rank-1 updates, since every token of the block took that path.
 
-The backward computes dx, dw, db and du: weight gradients of the top levels as dense block
-reductions (`tl.dot` of the one-hot path matrix with dy or x), deeper ones as per-token atomics.
-Float atomics make gradients and float sums non-deterministic in the last bits; counts are exact.
+With `stats=`, both launches add the DESIGN.md per-node counts and sums of the batch into the layer's
+int64 / float64 accumulators, reduced over the block first (one atomic per unit and block): no
+second pass. By-products: the leaf per token and tree and z along the path (the backward reuses them).
+
+Backward, one launch in the forward's grouping (`_subtree_bwd_kernel`): per block, dz on the path
+and dx = dZ·W (dense dots again), and the block's sums du += Aᵀ·dy, dw += dZᵀ·x, db += Σ dz, added
+with one atomic per row and block. Float atomics make gradients and float sums non-deterministic in
+the last bits; counts are exact.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,7 +41,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 # Activation codes shared by host and kernels (index in this tuple).
 ACT_CODES = ("gelu", "gelu_tanh", "relu", "silu", "tanh", "sigmoid", "identity")
-# Statistic buffers the forward kernel adds into, in the order of its pointer arguments.
+# Statistic buffers the forward kernels add into, in the order of their pointer arguments.
 FORWARD_STATS = (
     "tokens", "node_visits", "node_right", "node_fires", "node_act_sum", "node_act_sqsum",
     "leaf_visits", "leaf_fires", "leaf_act_sum", "leaf_act_sqsum",
@@ -54,38 +60,42 @@ def interpreting() -> bool:
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes of one launch: BM tokens per program, BK/BO chunk of d_in/d_out, dense top levels."""
+    """Tiles of the launches: BM tokens per program, BK / BO chunks of d_in / d_out, subtree size."""
 
-    block_m: int = 16
+    block_m: int = 64
     block_k: int = 64
     block_o: int = 64
-    dense_levels: int = 0  # decision levels computed as dense dots (capped by depth); 0 = all gathered
+    sub_levels: int = 6  # levels per subtree, leaf level included: 2^6 − 1 = 63 units per dense block
     num_warps: int = 4
-    x_in_registers: bool = False  # hold the block's x rows across levels (needs block_m·d_in small)
-    stat_width: int = 16  # levels of at most this many nodes add their statistics once per block
-
-
-SMALL_BATCH = 2048  # tokens up to which a launch is latency-bound: whole rows per chunk
+    num_stages: int = 3
 
 
 def default_config(n: int, d_in: int, d_out: int, depth: int, backward: bool = False) -> KernelConfig:
-    """Tiles for the GPU (best of `benchmarks/tree_kernels.py --sweep` on an H100), small ones in the interpreter.
-
-    Small batches are latency-bound (each level waits for the previous level's gather), so they take
-    whole rows per chunk: one round trip per level instead of one per chunk.
-    """
+    """Tiles for the GPU (see `benchmarks/tree_kernels.py --sweep`), small ones in the interpreter."""
     if interpreting():
-        return KernelConfig(block_m=16, block_k=16, block_o=16, dense_levels=2, num_warps=1)
-    if n <= SMALL_BATCH:
-        wide_k, wide_o = min(triton.next_power_of_2(d_in), 1024), min(triton.next_power_of_2(d_out), 512)
-        if backward:
-            return KernelConfig(block_m=16, block_k=min(wide_k, 512), block_o=wide_o, num_warps=8)
-        return KernelConfig(block_m=16, block_k=wide_k, block_o=wide_o, num_warps=8, x_in_registers=d_in <= 1024)
-    if backward:
-        return KernelConfig(block_m=16, block_k=128, block_o=128) if d_in < 1536 else KernelConfig(block_m=16)
-    if d_in < 1536:
-        return KernelConfig(block_m=16, block_k=64, block_o=64)
-    return KernelConfig(block_m=32, block_k=128, block_o=128, num_warps=8)
+        return KernelConfig(block_m=16, block_k=16, block_o=16, sub_levels=3, num_warps=1, num_stages=1)
+    if n <= 64:  # latency-bound: small blocks, wide chunks, fewer round trips per level
+        return KernelConfig(block_m=16, block_k=128, block_o=128, num_warps=4)
+    if d_in >= 1536:
+        return KernelConfig(block_m=64, block_k=64, block_o=128, num_warps=8)
+    return KernelConfig()
+
+
+class Split(NamedTuple):
+    """How a launch splits the trees: TOP levels on top, subtrees of SUBL levels, their padded widths."""
+
+    top: int
+    subl: int
+    topw: int
+    subw: int
+    nbp: int
+
+
+def split_levels(depth: int, cfg: KernelConfig) -> Split:
+    """TOP = d + 1 − sub_levels (at least 0); widths padded to powers of two of at least 16 (tl.dot)."""
+    top = max(0, depth + 1 - max(1, cfg.sub_levels))
+    subl = depth + 1 - top
+    return Split(top, subl, max(16, 2**top), max(16, 2**subl), max(16, 2**top))
 
 
 if triton is not None:
@@ -164,247 +174,310 @@ if triton is not None:
         return ((leaf + (1 << DEPTH)) >> (DEPTH - level)) - 1
 
     @triton.jit
-    def _tree_fwd_kernel(
-        x_ptr, w_ptr, b_ptr, u_ptr, y_ptr, s_ptr, leaf_ptr, z_ptr,
-        tok_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr,
-        n, D, O, T,
-        DEPTH: tl.constexpr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        RECORD: tl.constexpr, SAVE_S: tl.constexpr, TOP: tl.constexpr, TOPW: tl.constexpr,
-        STATW: tl.constexpr, XREG: tl.constexpr, DP: tl.constexpr,
-        DOT_PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
+    def _path_node(leaf, level: tl.constexpr, DEPTH: tl.constexpr):
+        """Heap index of the level-`level` unit on the path to `leaf` (leaf numbered 0 .. 2^DEPTH-1)."""
+        return ((leaf + (1 << DEPTH)) >> (DEPTH - level)) - 1
+
+    @triton.jit
+    def _subtree_units(root, SUBL: tl.constexpr, SUBW: tl.constexpr):
+        """Columns of a subtree block: local heap index c, its global heap index, relative level, validity."""
+        c = tl.arange(0, SUBW)
+        lev = tl.zeros((SUBW,), dtype=tl.int32)
+        for k in tl.static_range(1, SUBL):
+            lev += (c + 1 >= (1 << k)).to(tl.int32)
+        width = tl.full((SUBW,), 1, dtype=tl.int32) << lev  # nodes at that level of the subtree
+        heap = (root + 1) * width - 1 + (c - (width - 1))
+        return c, heap, lev, c < (1 << SUBL) - 1
+
+    @triton.jit
+    def _block_tokens(pid, t, cnt_ptr, perm_ptr, n, TOP: tl.constexpr, NBP: tl.constexpr, BM: tl.constexpr):
+        """The tokens of program `pid` of tree t: one block of one subtree's tokens (or of all, TOP = 0).
+
+        Programs are laid out subtree after subtree, cdiv(count, BM) each; the grid has room for the
+        worst case, and programs past the last block get no valid token (and skip their loops).
+        """
+        if TOP > 0:
+            NB: tl.constexpr = 1 << TOP
+            bcol = tl.arange(0, NBP)
+            cnts = tl.load(cnt_ptr + t * NB + bcol, mask=bcol < NB, other=0)
+            blocks = (cnts + BM - 1) // BM
+            cum = tl.cumsum(blocks, axis=0)  # inclusive
+            bucket = tl.sum((cum <= pid).to(tl.int32), axis=0)
+            here = bcol == bucket
+            count = tl.sum(tl.where(here, cnts, 0), axis=0)
+            first_block = tl.sum(tl.where(here, cum - blocks, 0), axis=0)
+            slot = (pid - first_block) * BM + tl.arange(0, BM)
+            valid = slot < count  # count is 0 past the last subtree
+            rows = tl.load(perm_ptr + (t * NB + bucket).to(tl.int64) * n + slot, mask=valid, other=0).to(tl.int64)
+            root = NB - 1 + tl.minimum(bucket, NB - 1)  # idle programs: any real subtree, nothing valid
+        else:
+            rm = pid * BM + tl.arange(0, BM)
+            valid = rm < n
+            rows = rm.to(tl.int64)
+            root = pid * 0
+        return rows, valid, root, tl.sum(valid.to(tl.int32), axis=0) > 0
+
+    @triton.jit
+    def _add_unit_stats(
+        zs, hit, cols, is_node, stat_node, stat_leaf, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr,
+        lv_ptr, lf_ptr, las_ptr, laq_ptr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr,
     ):  # fmt: skip
-        """Route BM tokens through all T trees, then y = Σ act(z)·u (or act(Σ z·u)); see module doc."""
+        """Per-unit counts and sums over a block (hit: tokens × units on the path), one atomic each."""
+        if PLACE_OUT:
+            fired = zs != 0.0
+        else:
+            fired = _act(zs, ACT) != 0.0
+        visits = tl.sum(hit.to(tl.int32), axis=0)
+        right = tl.sum((hit & (zs > 0.0)).to(tl.int32), axis=0).to(tl.int64)
+        fires = tl.sum((hit & fired).to(tl.int32), axis=0).to(tl.int64)
+        zhit = tl.where(hit, zs, 0.0)
+        zsum = tl.sum(zhit, axis=0).to(tl.float64)
+        zsq = tl.sum(zhit * zhit, axis=0).to(tl.float64)
+        node = cols & is_node & (visits > 0)
+        leaf = cols & (~is_node) & (visits > 0)
+        tl.atomic_add(nv_ptr + stat_node, visits.to(tl.int64), mask=node, sem="relaxed")
+        tl.atomic_add(nr_ptr + stat_node, right, mask=node, sem="relaxed")
+        tl.atomic_add(nf_ptr + stat_node, fires, mask=node, sem="relaxed")
+        tl.atomic_add(nas_ptr + stat_node, zsum, mask=node, sem="relaxed")
+        tl.atomic_add(naq_ptr + stat_node, zsq, mask=node, sem="relaxed")
+        tl.atomic_add(lv_ptr + stat_leaf, visits.to(tl.int64), mask=leaf, sem="relaxed")
+        tl.atomic_add(lf_ptr + stat_leaf, fires, mask=leaf, sem="relaxed")
+        tl.atomic_add(las_ptr + stat_leaf, zsum, mask=leaf, sem="relaxed")
+        tl.atomic_add(laq_ptr + stat_leaf, zsq, mask=leaf, sem="relaxed")
+
+    @triton.jit
+    def _route_top_kernel(
+        x_ptr, w_ptr, b_ptr, z_ptr, perm_ptr, cnt_ptr,
+        tok_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr,
+        n, D, T,
+        DEPTH: tl.constexpr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        RECORD: tl.constexpr, TOP: tl.constexpr, TOPW: tl.constexpr, NBP: tl.constexpr,
+        DOT_PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
+        """Route BM tokens through the top TOP levels of tree t and file them under their subtree."""
         pid = tl.program_id(0)
+        t = tl.program_id(1)
         rm = pid * BM + tl.arange(0, BM)
         valid = rm < n
         rows = rm.to(tl.int64)
         rk = tl.arange(0, BK)
-        ro = tl.arange(0, BO)
-        col = tl.arange(0, TOPW)  # heap node of each dense column (top levels)
-        NNODE: tl.constexpr = (1 << DEPTH) - 1  # decision nodes per tree
-        NUNIT: tl.constexpr = 2 * NNODE + 1  # neurons per tree
-        NTOP: tl.constexpr = (1 << TOP) - 1  # nodes in the dense top levels
-        PATH: tl.constexpr = DEPTH + 1
-        scol = tl.arange(0, STATW)  # node within a narrow level (block-reduced statistics)
-        if XREG:  # the block's rows of x stay in registers for every gathered level
-            kd = tl.arange(0, DP)
-            x_all = tl.load(x_ptr + rows[:, None] * D + kd[None, :], mask=valid[:, None] & (kd[None, :] < D), other=0.0)
+        col = tl.arange(0, TOPW)  # heap node of each column
+        NNODE: tl.constexpr = (1 << DEPTH) - 1
+        NUNIT: tl.constexpr = 2 * NNODE + 1
+        NTOP: tl.constexpr = (1 << TOP) - 1
+        NB: tl.constexpr = 1 << TOP
+        w_t = w_ptr + t * NUNIT * D
+        zz = tl.zeros((BM, TOPW), dtype=tl.float32)
+        for k0 in tl.range(0, D, BK, num_stages=STAGES):
+            kk = k0 + rk
+            xk = tl.load(x_ptr + rows[:, None] * D + kk[None, :], mask=valid[:, None] & (kk[None, :] < D), other=0.0)
+            wk = tl.load(w_t + col[:, None] * D + kk[None, :], mask=(col[:, None] < NTOP) & (kk[None, :] < D), other=0.0)
+            zz += tl.dot(xk, tl.trans(wk.to(xk.dtype)), input_precision=DOT_PREC)
+        if HAS_BIAS:
+            zz += tl.load(b_ptr + t * NUNIT + col, mask=col < NTOP, other=0.0).to(tl.float32)[None, :]
+        zrow = z_ptr + (rows * T + t) * (DEPTH + 1)
+        idx = tl.zeros((BM,), dtype=tl.int32)
+        onpath = tl.zeros((BM, TOPW), dtype=tl.int1)
+        for level in tl.static_range(TOP):
+            sel = col[None, :] == idx[:, None]
+            z = tl.sum(tl.where(sel, zz, 0.0), axis=1)
+            tl.store(zrow + level, z, mask=valid)
+            onpath = onpath | sel
+            idx = 2 * idx + 1 + (z > 0.0).to(tl.int32)
+        # counting sort: rank within the block per subtree, then one atomic per subtree for the base
+        bucket = idx - NTOP
+        bcol = tl.arange(0, NBP)
+        inb = (bcol[None, :] == bucket[:, None]) & valid[:, None]  # (BM, NBP)
+        per_bucket = tl.sum(inb.to(tl.int32), axis=0)
+        rank = tl.sum(tl.where(inb, tl.cumsum(inb.to(tl.int32), axis=0) - 1, 0), axis=1)
+        base = tl.atomic_add(cnt_ptr + t * NB + bcol, per_bucket, mask=(bcol < NB) & (per_bucket > 0), sem="relaxed")
+        slot = tl.sum(tl.where(inb, base[None, :], 0), axis=1) + rank
+        tl.store(perm_ptr + (t * NB + bucket).to(tl.int64) * n + slot, rm, mask=valid)
         if RECORD:
-            if pid == 0:
+            if (pid == 0) & (t == 0):
                 first = tl.arange(0, 1)
                 tl.atomic_add(tok_ptr + first, tl.zeros((1,), dtype=tl.int64) + n, sem="relaxed")
-        # ---- phase 1: routing, per tree; z of every path unit goes to z_ptr (n, T, DEPTH+1) ----
-        for t in range(T):
-            w_t = w_ptr + t * NUNIT * D
-            zrow = z_ptr + (rows * T + t) * PATH
-            idx = tl.zeros((BM,), dtype=tl.int32)
-            if TOP > 0:
-                zz = tl.zeros((BM, TOPW), dtype=tl.float32)
-                for k0 in range(0, D, BK):
-                    kk = k0 + rk
-                    xk = tl.load(x_ptr + rows[:, None] * D + kk[None, :], mask=valid[:, None] & (kk[None, :] < D), other=0.0)
-                    wk = tl.load(w_t + col[:, None] * D + kk[None, :], mask=(col[:, None] < NTOP) & (kk[None, :] < D), other=0.0)
-                    zz += tl.dot(xk, tl.trans(wk.to(xk.dtype)), input_precision=DOT_PREC)
-                if HAS_BIAS:
-                    zz += tl.load(b_ptr + t * NUNIT + col, mask=col < NTOP, other=0.0).to(tl.float32)[None, :]
-                onpath = tl.zeros((BM, TOPW), dtype=tl.int1)
-                for level in tl.static_range(TOP):
-                    sel = col[None, :] == idx[:, None]
-                    z = tl.sum(tl.where(sel, zz, 0.0), axis=1)
-                    tl.store(zrow + level, z, mask=valid)
-                    onpath = onpath | sel
-                    idx = 2 * idx + 1 + (z > 0.0).to(tl.int32)
-                if RECORD:
-                    hit = onpath & valid[:, None]
-                    if PLACE_OUT:
-                        fired = zz != 0.0
-                    else:
-                        fired = _act(zz, ACT) != 0.0
-                    top_mask = col < NTOP
-                    stat = t * NNODE + col
-                    tl.atomic_add(nv_ptr + stat, tl.sum(hit.to(tl.int32), axis=0).to(tl.int64), mask=top_mask, sem="relaxed")
-                    tl.atomic_add(nr_ptr + stat, tl.sum((hit & (zz > 0.0)).to(tl.int32), axis=0).to(tl.int64), mask=top_mask, sem="relaxed")
-                    tl.atomic_add(nf_ptr + stat, tl.sum((hit & fired).to(tl.int32), axis=0).to(tl.int64), mask=top_mask, sem="relaxed")
-                    zhit = tl.where(hit, zz, 0.0)
-                    tl.atomic_add(nas_ptr + stat, tl.sum(zhit, axis=0).to(tl.float64), mask=top_mask, sem="relaxed")
-                    tl.atomic_add(naq_ptr + stat, tl.sum(zhit * zhit, axis=0).to(tl.float64), mask=top_mask, sem="relaxed")
-            for level in tl.static_range(TOP, DEPTH + 1):
-                z = tl.zeros((BM,), dtype=tl.float32)
-                wrow = w_t + idx.to(tl.int64) * D
-                if XREG:
-                    wk = tl.load(wrow[:, None] + kd[None, :], mask=valid[:, None] & (kd[None, :] < D), other=0.0)
-                    z += tl.sum(x_all.to(tl.float32) * wk.to(tl.float32), axis=1)
-                else:
-                    for k0 in range(0, D, BK):
-                        kk = k0 + rk
-                        kmask = valid[:, None] & (kk[None, :] < D)
-                        xk = tl.load(x_ptr + rows[:, None] * D + kk[None, :], mask=kmask, other=0.0)
-                        wk = tl.load(wrow[:, None] + kk[None, :], mask=kmask, other=0.0)
-                        z += tl.sum(xk.to(tl.float32) * wk.to(tl.float32), axis=1)
-                if HAS_BIAS:
-                    z += tl.load(b_ptr + t * NUNIT + idx, mask=valid, other=0.0).to(tl.float32)
-                tl.store(zrow + level, z, mask=valid)
-                if RECORD:
-                    if PLACE_OUT:
-                        fired = (z != 0.0).to(tl.int64)
-                    else:
-                        fired = (_act(z, ACT) != 0.0).to(tl.int64)
-                    one = tl.full((BM,), 1, dtype=tl.int64)
-                    if (level < DEPTH) and ((1 << level) <= STATW):
-                        # narrow level: many tokens per node, so sum over the block, one atomic per node
-                        first = (1 << level) - 1
-                        hit = (scol[None, :] == (idx - first)[:, None]) & valid[:, None]  # (BM, STATW)
-                        stat = t * NNODE + first + scol
-                        smask = scol < (1 << level)
-                        zhit = tl.where(hit, z[:, None], 0.0)
-                        tl.atomic_add(nv_ptr + stat, tl.sum(hit.to(tl.int32), axis=0).to(tl.int64), mask=smask, sem="relaxed")
-                        tl.atomic_add(nr_ptr + stat, tl.sum((hit & (z > 0.0)[:, None]).to(tl.int32), axis=0).to(tl.int64), mask=smask, sem="relaxed")
-                        tl.atomic_add(nf_ptr + stat, tl.sum(tl.where(hit, fired[:, None], 0), axis=0), mask=smask, sem="relaxed")
-                        tl.atomic_add(nas_ptr + stat, tl.sum(zhit, axis=0).to(tl.float64), mask=smask, sem="relaxed")
-                        tl.atomic_add(naq_ptr + stat, tl.sum(zhit * zhit, axis=0).to(tl.float64), mask=smask, sem="relaxed")
-                    elif level < DEPTH:
-                        stat = t * NNODE + idx
-                        tl.atomic_add(nv_ptr + stat, one, mask=valid, sem="relaxed")
-                        tl.atomic_add(nr_ptr + stat, (z > 0.0).to(tl.int64), mask=valid, sem="relaxed")
-                        tl.atomic_add(nf_ptr + stat, fired, mask=valid, sem="relaxed")
-                        tl.atomic_add(nas_ptr + stat, z.to(tl.float64), mask=valid, sem="relaxed")
-                        tl.atomic_add(naq_ptr + stat, (z * z).to(tl.float64), mask=valid, sem="relaxed")
-                    else:
-                        stat = t * (NNODE + 1) + idx - NNODE
-                        tl.atomic_add(lv_ptr + stat, one, mask=valid, sem="relaxed")
-                        tl.atomic_add(lf_ptr + stat, fired, mask=valid, sem="relaxed")
-                        tl.atomic_add(las_ptr + stat, z.to(tl.float64), mask=valid, sem="relaxed")
-                        tl.atomic_add(laq_ptr + stat, (z * z).to(tl.float64), mask=valid, sem="relaxed")
-                if level < DEPTH:
-                    idx = 2 * idx + 1 + (z > 0.0).to(tl.int32)
-            tl.store(leaf_ptr + rows * T + t, idx - NNODE, mask=valid)
-        tl.debug_barrier()  # phase 2 reads z and leaf written by other threads of this program
-        # ---- phase 2: output, per chunk of d_out ----
-        for o0 in range(0, O, BO):
-            oo = o0 + ro
-            omask = oo < O
-            acc = tl.zeros((BM, BO), dtype=tl.float32)
-            for t in range(T):
-                u_t = u_ptr + t * NUNIT * O
-                zrow = z_ptr + (rows * T + t) * PATH
-                leaf = tl.load(leaf_ptr + rows * T + t, mask=valid, other=0)
-                if TOP > 0:
-                    a_top = tl.zeros((BM, TOPW), dtype=tl.float32)
-                    for level in tl.static_range(TOP):
-                        z = tl.load(zrow + level, mask=valid, other=0.0)
-                        a = _unit_out(z, ACT, PLACE_OUT)
-                        node = _path_node(leaf, level, DEPTH)
-                        a_top += tl.where((col[None, :] == node[:, None]) & valid[:, None], a[:, None], 0.0)
-                    ut = tl.load(u_t + col[:, None] * O + oo[None, :], mask=(col[:, None] < NTOP) & omask[None, :], other=0.0)
-                    acc += tl.dot(a_top.to(ut.dtype), ut, input_precision=DOT_PREC)
-                for level in tl.static_range(TOP, DEPTH + 1):
-                    z = tl.load(zrow + level, mask=valid, other=0.0)
-                    a = _unit_out(z, ACT, PLACE_OUT)
-                    node = _path_node(leaf, level, DEPTH).to(tl.int64)
-                    uk = tl.load(u_t + node[:, None] * O + oo[None, :], mask=valid[:, None] & omask[None, :], other=0.0)
-                    acc += a[:, None] * uk.to(tl.float32)
-            if PLACE_OUT:
-                if SAVE_S:
-                    tl.store(s_ptr + rows[:, None] * O + oo[None, :], acc, mask=valid[:, None] & omask[None, :])
-                acc = _act(acc, ACT)
-            tl.store(y_ptr + rows[:, None] * O + oo[None, :], acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & omask[None, :])
+            stat = t * NNODE + col
+            _add_unit_stats(
+                zz, onpath & valid[:, None], col < NTOP, col >= 0, stat, stat,
+                nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, ACT, PLACE_OUT,
+            )  # fmt: skip
 
     @triton.jit
-    def _segments(leaf, prev_leaf, level: tl.constexpr, DEPTH: tl.constexpr, valid, BM: tl.constexpr):
-        """Tokens sorted by leaf share a node at every level in runs: the node, each token's run
-        number, the (run × token) one-hot matrix, each run's node and which runs exist."""
-        node = _path_node(leaf, level, DEPTH)
-        starts = ((node != _path_node(prev_leaf, level, DEPTH)) | (tl.arange(0, BM) == 0)) & valid
-        run = tl.cumsum(starts.to(tl.int32), axis=0) - 1
-        runs = tl.arange(0, BM)
-        onehot = (runs[:, None] == run[None, :]) & valid[None, :]  # (run, token)
-        run_node = tl.sum(tl.where(onehot & starts[None, :], node[None, :], 0), axis=1)
-        return node, onehot, run_node, runs < tl.sum(starts.to(tl.int32), axis=0)
-
-    @triton.jit
-    def _tree_bwd_kernel(
-        x_ptr, w_ptr, u_ptr, dy_ptr, s_ptr, sleaf_ptr, perm_ptr, z_ptr, dz_ptr,
-        dx_ptr, dw_ptr, db_ptr, du_ptr,
+    def _subtree_kernel(
+        x_ptr, w_ptr, b_ptr, u_ptr, y_ptr, s_ptr, leaf_ptr, z_ptr, perm_ptr, cnt_ptr,
+        tok_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr,
         n, D, O, T,
         DEPTH: tl.constexpr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        DX_ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
+        RECORD: tl.constexpr, SAVE_S: tl.constexpr, Y_ATOMIC: tl.constexpr, SPLIT_A: tl.constexpr,
+        TOP: tl.constexpr, TOPW: tl.constexpr, NBP: tl.constexpr, SUBL: tl.constexpr, SUBW: tl.constexpr, DOT_PREC: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
-        """Gradients for one tree and BM tokens taken in leaf-sorted order (routing held fixed).
-
-        Sorted by leaf, the tokens of a block form a few runs per level that share a node; each run's
-        weight-gradient rows are summed in the block (one-hot `tl.dot`) before one atomic add per run.
-        """
+        """Route one block of a subtree's tokens through it and write y (see module doc)."""
         pid = tl.program_id(0)
         t = tl.program_id(1)
-        pos = pid * BM + tl.arange(0, BM)
-        valid = pos < n
-        leaf = tl.load(sleaf_ptr + t * n + pos, mask=valid, other=0)
-        prev_leaf = tl.load(sleaf_ptr + t * n + pos - 1, mask=valid & (pos > 0), other=0)
-        rows = tl.load(perm_ptr + t * n + pos, mask=valid, other=0).to(tl.int64)  # token of each sorted slot
-        rk = tl.arange(0, BK)
-        ro = tl.arange(0, BO)
         NNODE: tl.constexpr = (1 << DEPTH) - 1
         NUNIT: tl.constexpr = 2 * NNODE + 1
         PATH: tl.constexpr = DEPTH + 1
-        u_t = u_ptr + t * NUNIT * O
-        du_t = du_ptr + t * NUNIT * O
-        zrow = z_ptr + (rows * T + t) * PATH
-        dzrow = dz_ptr + (rows * T + t) * PATH
-        # ---- phase A: g = dy·u per path unit -> dz; du += a·dy and db += dz, summed per run ----
-        for level in tl.static_range(DEPTH + 1):
-            node, onehot, run_node, has_run = _segments(leaf, prev_leaf, level, DEPTH, valid, BM)
-            sel = onehot.to(tl.float32)
-            z = tl.load(zrow + level, mask=valid, other=0.0)
-            a = tl.where(valid, _unit_out(z, ACT, PLACE_OUT), 0.0)
-            unit = node.to(tl.int64)
-            g = tl.zeros((BM,), dtype=tl.float32)
-            for o0 in range(0, O, BO):
-                oo = o0 + ro
-                m2 = valid[:, None] & (oo[None, :] < O)
-                dyk = tl.load(dy_ptr + rows[:, None] * O + oo[None, :], mask=m2, other=0.0).to(tl.float32)
-                if PLACE_OUT:
-                    sk = tl.load(s_ptr + rows[:, None] * O + oo[None, :], mask=m2, other=0.0)
-                    dyk = dyk * _dact(sk, ACT)
-                uk = tl.load(u_t + unit[:, None] * O + oo[None, :], mask=m2, other=0.0).to(tl.float32)
-                g += tl.sum(dyk * uk, axis=1)
-                du_run = tl.dot(sel, a[:, None] * dyk, input_precision=DOT_PREC)  # (run, BO)
-                tl.atomic_add(
-                    du_t + run_node.to(tl.int64)[:, None] * O + oo[None, :], du_run,
-                    mask=has_run[:, None] & (oo[None, :] < O), sem="relaxed",
-                )  # fmt: skip
-            dz = tl.where(valid, _unit_grad(g, z, ACT, PLACE_OUT), 0.0)
-            tl.store(dzrow + level, dz, mask=valid)
-            if HAS_BIAS:
-                tl.atomic_add(db_ptr + t * NUNIT + run_node, tl.sum(sel * dz[None, :], axis=1), mask=has_run, sem="relaxed")
-        tl.debug_barrier()  # phase B reads dz written by other threads of this program
-        # ---- phase B: dx = Σ dz·w, dw += dz·x (summed per run), per chunk of d_in ----
+        rows, valid, root, busy = _block_tokens(pid, t, cnt_ptr, perm_ptr, n, TOP, NBP, BM)
+        c, heap, lev, cols = _subtree_units(root, SUBL, SUBW)
+        rk = tl.arange(0, BK)
+        ro = tl.arange(0, BO)
         w_t = w_ptr + t * NUNIT * D
-        dw_t = dw_ptr + t * NUNIT * D
-        for k0 in range(0, D, BK):
+        u_t = u_ptr + t * NUNIT * O
+        k_end = tl.where(busy, D, 0)  # idle programs skip their loops
+        o_end = tl.where(busy, O, 0)
+        zs = tl.zeros((BM, SUBW), dtype=tl.float32)
+        for k0 in tl.range(0, k_end, BK, num_stages=STAGES):
             kk = k0 + rk
-            m2 = valid[:, None] & (kk[None, :] < D)
-            xk = tl.load(x_ptr + rows[:, None] * D + kk[None, :], mask=m2, other=0.0).to(tl.float32)
-            dxk = tl.zeros((BM, BK), dtype=tl.float32)
-            for level in tl.static_range(DEPTH + 1):
-                node, onehot, run_node, has_run = _segments(leaf, prev_leaf, level, DEPTH, valid, BM)
-                dz = tl.load(dzrow + level, mask=valid, other=0.0)
-                wk = tl.load(w_t + node.to(tl.int64)[:, None] * D + kk[None, :], mask=m2, other=0.0).to(tl.float32)
-                dxk += dz[:, None] * wk
-                dw_run = tl.dot(onehot.to(tl.float32), dz[:, None] * xk, input_precision=DOT_PREC)
-                tl.atomic_add(
-                    dw_t + run_node.to(tl.int64)[:, None] * D + kk[None, :], dw_run,
-                    mask=has_run[:, None] & (kk[None, :] < D), sem="relaxed",
-                )  # fmt: skip
-            if DX_ATOMIC:  # several trees add into the same rows of dx
-                tl.atomic_add(dx_ptr + rows[:, None] * D + kk[None, :], dxk, mask=m2, sem="relaxed")
+            xk = tl.load(x_ptr + rows[:, None] * D + kk[None, :], mask=valid[:, None] & (kk[None, :] < D), other=0.0)
+            wk = tl.load(w_t + heap[:, None] * D + kk[None, :], mask=cols[:, None] & (kk[None, :] < D), other=0.0)
+            zs += tl.dot(xk, tl.trans(wk.to(xk.dtype)), input_precision=DOT_PREC)
+        if HAS_BIAS:
+            zs += tl.load(b_ptr + t * NUNIT + heap, mask=cols & (c < tl.where(busy, SUBW, 0)), other=0.0).to(tl.float32)[None, :]
+        zrow = z_ptr + (rows * T + t) * PATH
+        loc = tl.zeros((BM,), dtype=tl.int32)
+        onpath = tl.zeros((BM, SUBW), dtype=tl.int1)
+        for level in tl.static_range(SUBL):
+            sel = c[None, :] == loc[:, None]
+            z = tl.sum(tl.where(sel, zs, 0.0), axis=1)
+            tl.store(zrow + TOP + level, z, mask=valid)
+            onpath = onpath | sel
+            if level < SUBL - 1:
+                loc = 2 * loc + 1 + (z > 0.0).to(tl.int32)
+        leaf_heap = tl.sum(tl.where(c[None, :] == loc[:, None], heap[None, :], 0), axis=1)
+        tl.store(leaf_ptr + rows * T + t, leaf_heap - NNODE, mask=valid)
+        hit = onpath & valid[:, None]
+        if RECORD:
+            if TOP == 0:
+                if (pid == 0) & (t == 0):
+                    first = tl.arange(0, 1)
+                    tl.atomic_add(tok_ptr + first, tl.zeros((1,), dtype=tl.int64) + n, sem="relaxed")
+            _add_unit_stats(
+                zs, hit, cols, lev < SUBL - 1, t * NNODE + heap, t * (NNODE + 1) + heap - NNODE,
+                nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr, ACT, PLACE_OUT,
+            )  # fmt: skip
+        CDT = x_ptr.dtype.element_ty
+        a = tl.where(hit, _unit_out(zs, ACT, PLACE_OUT), 0.0)
+        a_hi = a.to(CDT)
+        a_lo = (a - a_hi.to(tl.float32)).to(CDT)  # SPLIT_A: a = hi + lo keeps s = Σ z·u near fp32
+        tcol = tl.arange(0, TOPW)  # the block's shared top path: column = level
+        atop = _unit_out(tl.load(zrow[:, None] + tcol[None, :], mask=valid[:, None] & (tcol[None, :] < TOP), other=0.0),
+                         ACT, PLACE_OUT)  # fmt: skip
+        for o0 in tl.range(0, o_end, BO, num_stages=STAGES):
+            oo = o0 + ro
+            omask = oo < O
+            uk = tl.load(u_t + heap[:, None] * O + oo[None, :], mask=cols[:, None] & omask[None, :], other=0.0).to(CDT)
+            acc = tl.dot(a_hi, uk, input_precision=DOT_PREC)
+            if SPLIT_A:
+                acc += tl.dot(a_lo, uk, input_precision=DOT_PREC)
+            for level in tl.static_range(TOP):  # rank-1 updates
+                anc = ((root + 1) >> (TOP - level)) - 1
+                al = tl.sum(tl.where(tcol[None, :] == level, atop, 0.0), axis=1)
+                ul = tl.load(u_t + anc * O + oo, mask=omask, other=0.0).to(tl.float32)
+                acc += al[:, None] * ul[None, :]
+            m2 = valid[:, None] & omask[None, :]
+            if Y_ATOMIC:  # several trees add into the same rows: an fp32 sum, finished on the host
+                tl.atomic_add(s_ptr + rows[:, None] * O + oo[None, :], acc, mask=m2, sem="relaxed")
             else:
-                tl.store(dx_ptr + rows[:, None] * D + kk[None, :], dxk.to(dx_ptr.dtype.element_ty), mask=m2)
+                if PLACE_OUT:
+                    if SAVE_S:
+                        tl.store(s_ptr + rows[:, None] * O + oo[None, :], acc, mask=m2)
+                    acc = _act(acc, ACT)
+                tl.store(y_ptr + rows[:, None] * O + oo[None, :], acc.to(y_ptr.dtype.element_ty), mask=m2)
 
-
-def _top_levels(depth: int, cfg: KernelConfig) -> tuple[int, int]:
-    """(TOP, TOPW): dense decision levels and the padded width of their node block (≥ 16 for tl.dot)."""
-    top = max(0, min(cfg.dense_levels, depth))
-    return top, max(16, triton.next_power_of_2(2**top)) if top else 16
+    @triton.jit
+    def _subtree_bwd_kernel(
+        x_ptr, w_ptr, u_ptr, dy_ptr, leaf_ptr, z_ptr, perm_ptr, cnt_ptr, dx_ptr, dw_ptr, db_ptr, du_ptr,
+        atop_ptr, dztop_ptr, n, D, O, T,
+        DEPTH: tl.constexpr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        DX_ATOMIC: tl.constexpr, TOP: tl.constexpr, TOPW: tl.constexpr, NBP: tl.constexpr,
+        SUBL: tl.constexpr, SUBW: tl.constexpr, DOT_PREC: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
+        """Gradients of one block of a subtree's tokens (routing fixed): dx = dZ·W per token; the
+        subtree rows' du += Aᵀ·dy, dw += dZᵀ·x, db += Σ dz summed over the block, one atomic add per row.
+        For the top rows, which every block shares, it writes each token's A and dZ (columns = top
+        nodes) for dense products on the host instead of contended atomics."""
+        pid = tl.program_id(0)
+        t = tl.program_id(1)
+        NNODE: tl.constexpr = (1 << DEPTH) - 1
+        NUNIT: tl.constexpr = 2 * NNODE + 1
+        PATH: tl.constexpr = DEPTH + 1
+        CDT = x_ptr.dtype.element_ty
+        rows, valid, root, busy = _block_tokens(pid, t, cnt_ptr, perm_ptr, n, TOP, NBP, BM)
+        c, heap, lev, cols = _subtree_units(root, SUBL, SUBW)
+        tcol = tl.arange(0, TOPW)  # top levels: column = level
+        rk = tl.arange(0, BK)
+        ro = tl.arange(0, BO)
+        w_t = w_ptr + t * NUNIT * D
+        u_t = u_ptr + t * NUNIT * O
+        zrow = z_ptr + (rows * T + t) * PATH
+        leaf = tl.load(leaf_ptr + rows * T + t, mask=valid, other=0)
+        # the path inside the subtree as (tokens × units), with its z; the shared top path's z by level
+        onpath = tl.zeros((BM, SUBW), dtype=tl.int1)
+        zpath = tl.zeros((BM, SUBW), dtype=tl.float32)
+        for level in tl.static_range(SUBL):
+            local = _path_node(leaf, TOP + level, DEPTH) - root * (1 << level)
+            sel = (c[None, :] == local[:, None]) & valid[:, None]
+            onpath = onpath | sel
+            zpath += tl.where(sel, tl.load(zrow + TOP + level, mask=valid, other=0.0)[:, None], 0.0)
+        ztop = tl.load(zrow[:, None] + tcol[None, :], mask=valid[:, None] & (tcol[None, :] < TOP), other=0.0)
+        apath = tl.where(onpath, _unit_out(zpath, ACT, PLACE_OUT), 0.0)
+        atop = tl.where(valid[:, None], _unit_out(ztop, ACT, PLACE_OUT), 0.0)
+        apath_c = apath.to(CDT)
+        touched = cols & (tl.sum(onpath.to(tl.int32), axis=0) > 0)  # rows this block adds into
+        g = tl.zeros((BM, SUBW), dtype=tl.float32)  # dL/d(unit output) = dy·u
+        gtop = tl.zeros((BM, TOPW), dtype=tl.float32)
+        for o0 in tl.range(0, tl.where(busy, O, 0), BO, num_stages=STAGES):
+            oo = o0 + ro
+            omask = oo < O
+            dyk = tl.load(dy_ptr + rows[:, None] * O + oo[None, :], mask=valid[:, None] & omask[None, :], other=0.0)
+            uk = tl.load(u_t + heap[:, None] * O + oo[None, :], mask=cols[:, None] & omask[None, :], other=0.0)
+            g += tl.dot(dyk, tl.trans(uk.to(dyk.dtype)), input_precision=DOT_PREC)
+            du_sub = tl.dot(tl.trans(apath_c), dyk.to(CDT), input_precision=DOT_PREC)  # (SUBW, BO)
+            tl.atomic_add(du_ptr + (t * NUNIT + heap).to(tl.int64)[:, None] * O + oo[None, :], du_sub,
+                          mask=touched[:, None] & omask[None, :], sem="relaxed")  # fmt: skip
+            dyf = dyk.to(tl.float32)
+            for level in tl.static_range(TOP):
+                anc = ((root + 1) >> (TOP - level)) - 1
+                ul = tl.load(u_t + anc * O + oo, mask=omask, other=0.0).to(tl.float32)
+                gtop += tl.where(tcol[None, :] == level, tl.sum(dyf * ul[None, :], axis=1)[:, None], 0.0)
+        dzs = tl.where(onpath, _unit_grad(g, zpath, ACT, PLACE_OUT), 0.0)
+        dztop = tl.where(valid[:, None] & (tcol[None, :] < TOP), _unit_grad(gtop, ztop, ACT, PLACE_OUT), 0.0)
+        if HAS_BIAS:
+            tl.atomic_add(db_ptr + t * NUNIT + heap, tl.sum(dzs, axis=0), mask=touched, sem="relaxed")
+        if TOP > 0:  # top rows: A and dZ by top node (column = heap index), zeros off the path
+            a_nodes = tl.zeros((BM, TOPW), dtype=tl.float32)
+            dz_nodes = tl.zeros((BM, TOPW), dtype=tl.float32)
+            for level in tl.static_range(TOP):
+                anc = ((root + 1) >> (TOP - level)) - 1
+                here = tcol[None, :] == level
+                a_nodes += tl.where(tcol[None, :] == anc, tl.sum(tl.where(here, atop, 0.0), axis=1)[:, None], 0.0)
+                dz_nodes += tl.where(tcol[None, :] == anc, tl.sum(tl.where(here, dztop, 0.0), axis=1)[:, None], 0.0)
+            top_rows = (t * n + rows)[:, None] * TOPW + tcol[None, :]
+            tl.store(atop_ptr + top_rows, a_nodes.to(atop_ptr.dtype.element_ty), mask=valid[:, None])
+            tl.store(dztop_ptr + top_rows, dz_nodes.to(dztop_ptr.dtype.element_ty), mask=valid[:, None])
+        dzs_c = dzs.to(CDT)
+        for k0 in tl.range(0, tl.where(busy, D, 0), BK, num_stages=STAGES):
+            kk = k0 + rk
+            kmask = kk < D
+            wk = tl.load(w_t + heap[:, None] * D + kk[None, :], mask=cols[:, None] & kmask[None, :], other=0.0)
+            xk = tl.load(x_ptr + rows[:, None] * D + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+            acc = tl.dot(dzs_c, wk.to(CDT), input_precision=DOT_PREC)
+            dw_sub = tl.dot(tl.trans(dzs_c), xk, input_precision=DOT_PREC)  # (SUBW, BK)
+            tl.atomic_add(dw_ptr + (t * NUNIT + heap).to(tl.int64)[:, None] * D + kk[None, :], dw_sub,
+                          mask=touched[:, None] & kmask[None, :], sem="relaxed")  # fmt: skip
+            for level in tl.static_range(TOP):
+                anc = ((root + 1) >> (TOP - level)) - 1
+                wl = tl.load(w_t + anc * D + kk, mask=kmask, other=0.0).to(tl.float32)
+                dzl = tl.sum(tl.where(tcol[None, :] == level, dztop, 0.0), axis=1)
+                acc += dzl[:, None] * wl[None, :]
+            m2 = valid[:, None] & kmask[None, :]
+            if DX_ATOMIC:  # several trees add into the same rows of dx
+                tl.atomic_add(dx_ptr + rows[:, None] * D + kk[None, :], acc, mask=m2, sem="relaxed")
+            else:
+                tl.store(dx_ptr + rows[:, None] * D + kk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=m2)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -424,6 +497,30 @@ def _check(x: Tensor, w: Tensor, u: Tensor, depth: int) -> None:
         raise ValueError("expected x (n, d_in), w (T, 2^(d+1)-1, d_in), u (T, 2^(d+1)-1, d_out)")
 
 
+class Grouping(NamedTuple):
+    """The forward's sort of tokens by subtree, reused by the backward: perm (T, 2^TOP, n), counts (T, 2^TOP)."""
+
+    perm: Tensor
+    counts: Tensor
+    config: KernelConfig
+
+
+class ForwardResult(NamedTuple):
+    """y (n, d_out), leaf (n, T) int32, z (n, T, d+1) fp32 along the path, s = Σ z·u (placement "output"
+    or several trees; fp32, for the backward) and the token grouping."""
+
+    y: Tensor
+    leaf: Tensor
+    z: Tensor
+    s: Tensor | None
+    grouping: Grouping
+
+
+def _grid_blocks(n: int, split: Split, block_m: int) -> int:
+    """Programs per tree that cover every subtree's blocks: Σ cdiv(count_b, BM) ≤ cdiv(n, BM) + 2^TOP."""
+    return triton.cdiv(n, block_m) + (2**split.top if split.top else 0)
+
+
 def tree_forward(
     x: Tensor,
     w: Tensor,
@@ -435,13 +532,11 @@ def tree_forward(
     stats: dict[str, Tensor] | None = None,
     save_preact: bool = False,
     config: KernelConfig | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Forward of the neuron-per-node tree FFN in one kernel launch.
+) -> ForwardResult:
+    """Forward of the neuron-per-node tree FFN (two launches; one where the tree is a single subtree).
 
-    Returns y (n, d_out) in x's dtype, leaf (n, T) int32, z (n, T, d+1) fp32 pre-activations along
-    the path, and, for placement "output" with `save_preact`, s = Σ z·u (n, d_out) fp32 for the
-    backward. With `stats` (the layer's accumulators by DESIGN.md name) the batch's counts and sums
-    are added into them inside the same kernel.
+    With `stats` (the layer's accumulators by DESIGN.md name) the batch's counts and sums are added
+    into them inside the same launches. No host sync: the launches are CUDA-graph capturable.
     """
     _check(x, w, u, depth)
     cfg = config or default_config(x.shape[0], x.shape[1], u.shape[2], depth)
@@ -449,27 +544,56 @@ def tree_forward(
     b = b.contiguous() if b is not None else None
     n, d_in = x.shape
     trees, _, d_out = u.shape
-    top, topw = _top_levels(depth, cfg)
-    y = torch.empty((n, d_out), device=x.device, dtype=x.dtype)
-    leaf = torch.empty((n, trees), device=x.device, dtype=torch.int32)
-    z = torch.empty((n, trees, depth + 1), device=x.device, dtype=torch.float32)
+    split = split_levels(depth, cfg)
+    dev = x.device
     place_out = placement == "output"
-    s = torch.empty((n, d_out), device=x.device, dtype=torch.float32) if place_out and save_preact else None
-    record = stats is not None
-    stat_ptrs = [stats[name] for name in FORWARD_STATS] if record else [y] * len(FORWARD_STATS)
+    y_atomic = trees > 1  # trees add into the same rows: an fp32 sum s, finished below
+    keep_s = y_atomic or (place_out and save_preact)
+    y = torch.empty((n, d_out), device=dev, dtype=x.dtype)
+    s = (torch.zeros if y_atomic else torch.empty)((n, d_out), device=dev, dtype=torch.float32) if keep_s else None
+    leaf = torch.empty((n, trees), device=dev, dtype=torch.int32)
+    z = torch.empty((n, trees, depth + 1), device=dev, dtype=torch.float32)
+    buckets = 2**split.top if split.top else 1
+    counts = torch.zeros((trees, buckets), device=dev, dtype=torch.int32)
+    perm = torch.empty((trees, buckets, n) if split.top else (0,), device=dev, dtype=torch.int32)
+    grouping = Grouping(perm, counts, cfg)
     if n == 0:
-        return y, leaf, z, s
-    grid = (triton.cdiv(n, cfg.block_m),)
-    _tree_fwd_kernel[grid](
-        x, w, b if b is not None else w, u, y, s if s is not None else y, leaf, z,
-        *stat_ptrs,
-        n, d_in, d_out, trees,
-        DEPTH=depth, ACT=ACT_CODES.index(activation), PLACE_OUT=place_out, HAS_BIAS=b is not None,
-        RECORD=record, SAVE_S=s is not None, TOP=top, TOPW=topw, STATW=cfg.stat_width,
-        XREG=cfg.x_in_registers, DP=triton.next_power_of_2(d_in), DOT_PREC=_dot_precision(x.dtype),
-        BM=cfg.block_m, BK=cfg.block_k, BO=cfg.block_o, num_warps=cfg.num_warps,
+        return ForwardResult(y, leaf, z, s, grouping)
+    record = stats is not None
+    st = [stats[name] for name in FORWARD_STATS] if record else [z] * len(FORWARD_STATS)
+    common = dict(DEPTH=depth, ACT=ACT_CODES.index(activation), PLACE_OUT=place_out, HAS_BIAS=b is not None,
+                  RECORD=record, TOP=split.top, NBP=split.nbp, DOT_PREC=_dot_precision(x.dtype),
+                  BM=cfg.block_m, BK=cfg.block_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps)  # fmt: skip
+    bias = b if b is not None else w
+    if split.top:
+        _route_top_kernel[(triton.cdiv(n, cfg.block_m), trees)](
+            x, w, bias, z, perm, counts, *st[:6], n, d_in, trees, TOPW=split.topw, **common,
+        )  # fmt: skip
+    _subtree_kernel[(_grid_blocks(n, split, cfg.block_m), trees)](
+        x, w, bias, u, y, s if s is not None else y, leaf, z, perm, counts, *st, n, d_in, d_out, trees,
+        SAVE_S=s is not None, Y_ATOMIC=y_atomic, SPLIT_A=place_out and x.dtype != torch.float32,
+        TOPW=split.topw, SUBL=split.subl, SUBW=split.subw, BO=cfg.block_o, **common,
     )  # fmt: skip
-    return y, leaf, z, s
+    if y_atomic:
+        y.copy_(_finish(s, activation) if place_out else s)
+    return ForwardResult(y, leaf, z, s, grouping)
+
+
+def _finish(s: Tensor, activation: str) -> Tensor:
+    """act(s) for placement "output" when several trees summed into s on the device."""
+    from routescope.kernels.tree_reference import ACTIVATIONS
+
+    return ACTIVATIONS[activation](s)
+
+
+def _output_grad(dy: Tensor, s: Tensor, activation: str) -> Tensor:
+    """dL/ds = dy · act'(s) for placement "output" (one fused autograd call over s)."""
+    from routescope.kernels.tree_reference import ACTIVATIONS
+
+    with torch.enable_grad():
+        s_ = s.detach().requires_grad_()
+        (ds,) = torch.autograd.grad(ACTIVATIONS[activation](s_), s_, dy.float())
+    return ds
 
 
 def tree_backward(
@@ -480,43 +604,54 @@ def tree_backward(
     leaf: Tensor,
     z: Tensor,
     s: Tensor | None,
+    grouping: Grouping,
     depth: int,
     activation: str = "gelu",
     placement: str = "node",
     has_bias: bool = True,
     config: KernelConfig | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """Gradients (dx, dw, db, du) for the routing recorded by `tree_forward` (held fixed).
+    """Gradients (dx, dw, db, du) for the routing and grouping recorded by `tree_forward` (held fixed).
 
-    Tokens are sorted by leaf per tree first (one `torch.sort`), so that the kernel can sum the
-    weight-gradient rows of tokens sharing a node before adding them atomically.
+    `config` may pick other tiles than the forward's; the subtree size is always the forward's.
     """
     cfg = config or default_config(x.shape[0], x.shape[1], u.shape[2], depth, backward=True)
+    cfg = replace(cfg, sub_levels=grouping.config.sub_levels)
     n, d_in = x.shape
     trees, units, d_out = u.shape
+    split = split_levels(depth, cfg)
+    dev = x.device
+    place_out = placement == "output"
+    if place_out:
+        dy = _output_grad(dy, s, activation).to(x.dtype)
     dy = dy.contiguous()
-    dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32) if trees > 1 else torch.empty_like(x)
-    dw = torch.zeros((trees, units, d_in), device=x.device, dtype=torch.float32)
-    du = torch.zeros((trees, units, d_out), device=x.device, dtype=torch.float32)
-    db = torch.zeros((trees, units), device=x.device, dtype=torch.float32) if has_bias else None
+    dx = torch.zeros(x.shape, device=dev, dtype=torch.float32) if trees > 1 else torch.empty_like(x)
+    dw = torch.zeros((trees, units, d_in), device=dev, dtype=torch.float32)
+    du = torch.zeros((trees, units, d_out), device=dev, dtype=torch.float32)
+    db = torch.zeros((trees, units), device=dev, dtype=torch.float32) if has_bias else None
     if n == 0:
         return dx.to(x.dtype), dw, db, du
-    sorted_leaf, perm = torch.sort(leaf.t().contiguous(), dim=1)  # (T, n) each
-    dz = torch.empty_like(z)
-    block_m = max(16, cfg.block_m)  # tl.dot needs 16 rows
-    _tree_bwd_kernel[(triton.cdiv(n, block_m), trees)](
-        x, w, u, dy, s if s is not None else dy, sorted_leaf, perm.to(torch.int32), z, dz,
-        dx, dw, db if db is not None else dw, du,
-        n, d_in, d_out, trees,
-        DEPTH=depth, ACT=ACT_CODES.index(activation), PLACE_OUT=placement == "output",
-        HAS_BIAS=has_bias, DX_ATOMIC=trees > 1, DOT_PREC=_dot_precision(x.dtype),
-        BM=block_m, BK=cfg.block_k, BO=cfg.block_o, num_warps=cfg.num_warps,
+    ntop = 2**split.top - 1
+    # every token's A and dZ at the top nodes (T, n, TOPW): dense products below give their rows
+    atop = torch.empty((trees, n, split.topw) if ntop else (0,), device=dev, dtype=x.dtype)
+    dztop = torch.empty_like(atop)
+    _subtree_bwd_kernel[(_grid_blocks(n, split, cfg.block_m), trees)](
+        x, w, u, dy, leaf, z, grouping.perm, grouping.counts, dx, dw, db if db is not None else dx, du,
+        atop, dztop, n, d_in, d_out, trees, DEPTH=depth, ACT=ACT_CODES.index(activation), PLACE_OUT=place_out,
+        HAS_BIAS=has_bias, DX_ATOMIC=trees > 1, TOP=split.top, TOPW=split.topw, NBP=split.nbp, SUBL=split.subl,
+        SUBW=split.subw, DOT_PREC=_dot_precision(x.dtype), BM=cfg.block_m, BK=cfg.block_k, BO=cfg.block_o,
+        STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )  # fmt: skip
+    if ntop:
+        du[:, :ntop] = torch.matmul(atop.transpose(1, 2)[:, :ntop], dy)  # (T, ntop, d_out)
+        dw[:, :ntop] = torch.matmul(dztop.transpose(1, 2)[:, :ntop], x)
+        if db is not None:
+            db[:, :ntop] = dztop[:, :, :ntop].float().sum(1)
     return dx.to(x.dtype), dw, db, du
 
 
 class TreeFFNFunction(torch.autograd.Function):
-    """Autograd wrapper: forward kernel, then the backward kernel with the routing held fixed."""
+    """Autograd wrapper: forward launches, then the backward ones with the routing held fixed."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -532,19 +667,23 @@ class TreeFFNFunction(torch.autograd.Function):
         config: KernelConfig | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         needs_grad = any(ctx.needs_input_grad[:4])
-        y, leaf, z, s = tree_forward(
+        y, leaf, z, s, grouping = tree_forward(
             x, w, b, u, depth, activation, placement, stats, save_preact=needs_grad, config=config
         )
-        ctx.save_for_backward(x, w, u, leaf, z, s)
-        ctx.meta = (depth, activation, placement, b is not None, config, w.dtype, b.dtype if b is not None else None)
+        keep = s if placement == "output" else None  # s of several trees' "node" sums is not needed
+        ctx.save_for_backward(x, w, u, leaf, z, keep, grouping.perm, grouping.counts)
+        ctx.meta = (depth, activation, placement, b is not None, grouping.config, w.dtype, b.dtype if b is not None else None)
+        ctx.fixed_config = config  # a config given by the caller holds for the backward too
         ctx.mark_non_differentiable(leaf, z)
         return y, leaf, z
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor, _dleaf: Tensor, _dz: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, w, u, leaf, z, s = ctx.saved_tensors
+        x, w, u, leaf, z, s, perm, counts = ctx.saved_tensors
         depth, activation, placement, has_bias, config, w_dtype, b_dtype = ctx.meta
-        dx, dw, db, du = tree_backward(dy, x, w, u, leaf, z, s, depth, activation, placement, has_bias, config)
+        grouping = Grouping(perm, counts, config)
+        dx, dw, db, du = tree_backward(dy, x, w, u, leaf, z, s, grouping, depth, activation, placement, has_bias,
+                                       config=None if ctx.fixed_config is None else config)  # fmt: skip
         return (
             dx, dw.to(w_dtype), db.to(b_dtype) if db is not None else None, du.to(u.dtype),
             None, None, None, None, None,

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not tt.available(), reason="triton is not instal
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 # Interpreter: 16-wide tiles, so d_in 20 / d_out 13 / 37 tokens take several partial chunks.
-SMALL = tt.KernelConfig(block_m=16, block_k=16, block_o=16, dense_levels=2, num_warps=1, stat_width=4)
+SMALL = tt.KernelConfig(block_m=16, block_k=16, block_o=16, sub_levels=2, num_warps=1, num_stages=1)
 
 
 @pytest.fixture
@@ -60,24 +60,24 @@ def run_both(x, w, b, u, depth, activation, placement, config):
 
 
 CASES = [
-    # n, d_in, d_out, depth, trees, activation, placement, bias, dense_levels
+    # n, d_in, d_out, depth, trees, activation, placement, bias, sub_levels (top levels = depth + 1 − sub_levels)
     (37, 20, 13, 3, 2, "gelu", "node", True, 2),  # tokens not a multiple of the block, odd widths
-    (1, 16, 16, 1, 1, "relu", "output", False, 2),  # one token, depth 1
-    (50, 33, 17, 4, 3, "silu", "output", True, 0),  # all levels gathered, several trees
-    (40, 24, 24, 5, 1, "tanh", "node", True, 6),  # dense levels capped by the depth
-    (29, 18, 9, 2, 2, "identity", "node", True, 1),
+    (1, 16, 16, 1, 1, "relu", "output", False, 1),  # one token, depth 1
+    (50, 33, 17, 4, 3, "silu", "output", True, 3),  # several trees (fp32 sums), placement "output"
+    (70, 24, 24, 5, 1, "tanh", "node", True, 6),  # the whole tree is one subtree: one launch
+    (29, 18, 9, 2, 2, "identity", "node", True, 1),  # subtrees are single leaves
     (33, 17, 21, 3, 1, "gelu_tanh", "output", True, 2),
-    (21, 16, 16, 3, 2, "sigmoid", "node", False, 3),
-    (19, 12, 7, 0, 2, "gelu", "node", True, 2),  # depth 0: one neuron per tree, no decisions
+    (45, 16, 16, 4, 2, "sigmoid", "node", False, 2),  # 8 subtrees, several blocks in some
+    (19, 12, 7, 0, 2, "gelu", "node", True, 3),  # depth 0: one neuron per tree, no decisions
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}-d{c[3]}-T{c[4]}-{c[5]}-{c[6]}-top{c[8]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}-d{c[3]}-T{c[4]}-{c[5]}-{c[6]}-sub{c[8]}")
 def test_forward_backward_and_counts_match_reference(case: tuple, seed: int) -> None:
-    n, d_in, d_out, depth, trees, activation, placement, bias, dense = case
-    # x held in registers for odd n, chunked otherwise; levels of > 4 nodes take the per-token atomics
-    tiles = (16, 16, 16, dense, 1) if not ON_GPU else (16, 32, 32, dense, 4)
-    config = tt.KernelConfig(*tiles, x_in_registers=n % 2 == 1, stat_width=4)
+    n, d_in, d_out, depth, trees, activation, placement, bias, sub = case
+    # 16-row blocks and chunks: several blocks per subtree, several chunks per row
+    tiles = (16, 16, 16, sub, 1, 1) if not ON_GPU else (16, 32, 32, sub, 4, 2)
+    config = tt.KernelConfig(*tiles)
     x = torch.randn(n, d_in, device=DEVICE, requires_grad=True)
     w, b, u = make_params(trees, depth, d_in, d_out, bias)
     (y, leaf, z, grads, stats), (y_ref, routing, grads_ref) = run_both(x, w, b, u, depth, activation, placement, config)
@@ -160,7 +160,7 @@ def test_backend_choice_and_errors() -> None:
 
 def test_empty_batch() -> None:
     w, b, u = make_params(1, 2, 8, 8, True)
-    y, leaf, z, _ = tt.tree_forward(torch.zeros(0, 8, device=DEVICE), w, b, u, 2, config=SMALL)
+    y, leaf, z, _, _ = tt.tree_forward(torch.zeros(0, 8, device=DEVICE), w, b, u, 2, config=SMALL)
     assert y.shape == (0, 8) and leaf.shape == (0, 1) and z.shape == (0, 1, 3)
 
 
