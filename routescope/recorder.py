@@ -287,9 +287,10 @@ class Recorder:
         if item.ready is not None:
             item.ready.synchronize()
         ints, floats = item.ints.numpy(), item.floats.numpy()
+        # One padded array per statistic of each family group: (layers of the family, largest layer's shape).
         groups = {name: {var: np.zeros((sizes["layer"], *FAMILIES[name].layer_shape(var, sizes)), dtype=np.dtype(v.dtype))
                          for var, v in FAMILIES[name].stats.items()}
-                  for name, sizes in self._writer.group_sizes.items() if name in self._writer.families}  # fmt: skip
+                  for name, sizes in self._writer.group_sizes.items()}  # fmt: skip
         layer_tokens = np.zeros(len(self.layers), dtype=np.int64)
         i = f = 0
         for li, (_, layer) in enumerate(self.layers):
