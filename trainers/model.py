@@ -32,7 +32,7 @@ class GPTConfig:
     placement: str = "node"  # "node": act per neuron before the path sum; "output": act after it
     bias: bool = True
     backend: str = "auto"  # TreeFFN backend: Triton kernels on CUDA, the torch reference on CPU
-    l1_coef: float = 0.05  # mlp="l1": weight of the L1 penalty on the gates (times mean |g|), added to the loss
+    l1_coef: float = 0.2  # mlp="l1": L1 weight on the gates (× mean |g|); 0.2: ~98.5% zeros at +0.03 val loss (CPU demo)
     experts: int = 8  # mlp="moe": experts per layer
     k: int = 2  # mlp="moe": experts per token
     expert_width: int = 64  # mlp="moe": hidden units per expert (k x 64 = 128 active of 512, a quarter)

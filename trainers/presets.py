@@ -69,7 +69,7 @@ PRESETS: dict[str, TrainConfig] = {
         model=GPTConfig(mlp="dense"), description="dense baseline of shakespeare-tree (same attention, 512-unit MLP)",
     ),
     "shakespeare-l1": TrainConfig(
-        model=_l1(), description="shakespeare-tree with L1-sparse gated FFNs (512 units; L1 0.05 on the gates)",
+        model=_l1(), description="shakespeare-tree with L1-sparse gated FFNs (512 units; L1 0.2 on the gates: ~98% zeros)",
     ),
     "shakespeare-moe": TrainConfig(
         model=_moe(capacity_factor=1.25, balance_coef=0.01),
