@@ -71,14 +71,15 @@ class KernelConfig:
 
 
 def default_config(n: int, d_in: int, d_out: int, depth: int, backward: bool = False) -> KernelConfig:
-    """Tiles for the GPU (see `benchmarks/tree_kernels.py --sweep`), small ones in the interpreter."""
+    """Tiles for the GPU (best of `benchmarks/tree_kernels.py --sweep` on an H100 at 16k tokens; see
+    BENCHMARKS.md), small ones in the interpreter. The backward may differ in tiles, not in subtree size."""
     if interpreting():
         return KernelConfig(block_m=16, block_k=16, block_o=16, sub_levels=3, num_warps=1, num_stages=1)
-    if n <= 64:  # latency-bound: small blocks, wide chunks, fewer round trips per level
-        return KernelConfig(block_m=16, block_k=128, block_o=128, num_warps=4)
-    if d_in >= 1536:
-        return KernelConfig(block_m=64, block_k=64, block_o=128, num_warps=8)
-    return KernelConfig()
+    if backward:  # bigger blocks: fewer atomic row adds per subtree
+        return KernelConfig(block_m=64, num_warps=8)
+    if n <= 64 or d_in >= 1536:  # small batches: latency; wide rows: registers
+        return KernelConfig(block_m=16)
+    return KernelConfig(block_m=32)
 
 
 class Split(NamedTuple):
