@@ -317,3 +317,20 @@ def test_tree_only_files_keep_their_layout(debug_run: Path) -> None:
         assert set(f["tree"]) == TREE_GROUP_BEFORE and set(f["traces"]) == TRACES_BEFORE
         assert f.attrs["schema_version"] == 1
         assert f["tree/node_visits"].dims[3][0].name == "/tree/node"
+
+
+@pytest.mark.parametrize("make", [lambda: L1SparseFFN(8, 32, 8), lambda: TopKMoE(8, 8, experts=4, k=2, capacity_factor=1.0)],
+                         ids=["l1", "moe"])  # fmt: skip
+def test_counting_survives_torch_compile(make) -> None:
+    """The accumulators are updated inside forward, so a compiled layer counts exactly as the eager one."""
+    torch.manual_seed(0)
+    eager = make()
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, backend="aot_eager")
+    eager.recording = compiled_layer.recording = True
+    x = torch.randn(3, 10, 8)
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
+    for name, value in eager.routing_stats().items():
+        torch.testing.assert_close(compiled_layer.routing_stats()[name], value, rtol=1e-5, atol=0, msg=name)  # counts: exact
+    assert int(eager.tokens) == 60
