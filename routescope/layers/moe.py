@@ -180,7 +180,9 @@ class TopKMoE(nn.Module):
         pairs = (chosen[:, :, None] * experts + chosen[:, None, :]).reshape(-1)  # every ordered pair of choices
         self.coselect.view(-1).index_add_(0, pairs, torch.ones_like(pairs))
         entropy = -torch.special.xlogy(probs, probs).sum(-1) / math.log(2)  # (n,) bits
-        self.router_entropy_sum.add_(entropy.double().sum())
+        # Through a 1-element view: AOTAutograd (torch.compile, torch 2.13) drops an in-place add_ on a
+        # 0-dim float64 buffer in a training graph; the view's update is kept.
+        self.router_entropy_sum.view(1).add_(entropy.double().sum().reshape(1))
         self.router_prob_sum.add_(probs.double().sum(0))
         if self.trace_next:
             self.last_trace = (chosen, weights, kept)
