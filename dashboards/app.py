@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 
 from routescope.dashboards import figures as F
+from routescope.dashboards.family_views import FamilyViews, families_present, family_tabs, register_family_callbacks
 from routescope.dashboards.sources import RunSource, seed_groups, unique_labels
 
 TABS = ("paths", "tree", "curves", "drift", "tokens", "compare")
@@ -36,8 +37,9 @@ METRIC_LABELS = {
 STATE_COLORS = {"running": "#2ca02c", "finished": "#555", "interrupted": "#ff7f0e", "failed": "#d62728"}
 
 
-class Dashboard:
-    """The state behind the app: the run sources and the callback bodies, as plain methods (testable)."""
+class Dashboard(FamilyViews):
+    """The state behind the app: the run sources and the callback bodies, as plain methods (testable);
+    the L1 / MoE views come from FamilyViews."""
 
     def __init__(self, paths: list[str | Path]) -> None:
         if not paths:
@@ -50,6 +52,8 @@ class Dashboard:
         for src in self.sources:
             try:
                 src.curves()
+                for family in src.families:
+                    src.family_curves(family)
                 src.events()
                 src.warnings()
             except Exception:  # a damaged or vanishing file shows its error in the views instead
@@ -210,14 +214,47 @@ def create_app(paths: list[str | Path], interval_s: float = 2.0) -> Dash:
     metric_opts = [{"label": METRIC_LABELS[m], "value": m} for m in METRIC_LABELS]
     row = {"display": "flex", "gap": "12px", "alignItems": "center", "flexWrap": "wrap", "margin": "6px 0"}
     dd = {"width": "220px"}
+    # Tabs appear for the families some run has; a run without routed layers keeps the tree tabs, which say so.
+    has_tree = any(s.tree is not None for s in board.sources) or not families_present(board.sources)
+    tree_only = {"display": "contents"} if has_tree else {"display": "none"}
+    tree_tabs = [  # the tree family's tabs (also shown for a run without routed layers, to say so)
+        dcc.Tab(label="Path usage", value="paths", children=[
+            html.Div([dcc.Checklist([{"label": "log scale", "value": "log"}, {"label": "animate over training", "value": "animate"}],
+                                    [], id="paths-options", inline=True)], style=row),
+            _graph("paths-graph")]),
+        dcc.Tab(label="Tree", value="tree", children=[
+            html.Div([html.Label("colour by"), dcc.Dropdown([{"label": v, "value": k} for k, v in F.NODE_COLORINGS.items()],
+                                                             "visits", id="color-by", clearable=False, style={"width": "320px"}),
+                      html.Span("click a node to follow its drift", style={"color": "#777"})], style=row),
+            _graph("tree-graph", 560)]),
+        dcc.Tab(label="Curves", value="curves", children=[
+            html.Div([html.Label("metric"), dcc.Dropdown(metric_opts, "static_fraction", id="metric", clearable=False, style={"width": "320px"}),
+                      html.Label("layers"), dcc.Dropdown(layer_opts, [o["value"] for o in layer_opts[:4]], id="curve-layers", multi=True, style={"width": "360px"})], style=row),
+            _graph("heatmap-graph", 320), _graph("lines-graph", 420)]),
+        dcc.Tab(label="Node drift", value="drift", children=[
+            html.Div([html.Label("nodes"), dcc.Dropdown([{"label": f"node {n}", "value": n} for n in range(2**max_depth - 1)], [0],
+                                                        id="drift-nodes", multi=True, style={"width": "520px"})], style=row),
+            _graph("drift-graph")]),
+        dcc.Tab(label="Tokens", value="tokens", children=[
+            html.Div([html.Label("leaf"), dcc.Input(id="token-leaf", type="number", value=0, min=0, style={"width": "90px"}),
+                      html.Label("contexts containing"), dcc.Input(id="token-text", type="text", value="", debounce=True, placeholder="e.g. the ")], style=row),
+            html.Div([html.Div([html.H5("Sampled contexts routed to this leaf (bold: the token)"), html.Ul(id="token-contexts")],
+                               style={"flex": "1", "maxHeight": "480px", "overflowY": "auto", "fontSize": "13px"}),
+                      html.Div(_graph("token-paths"), style={"flex": "1.4"})], style={"display": "flex", "gap": "16px"})]),
+        dcc.Tab(label="Compare runs", value="compare", children=[
+            html.P("All runs given on the command line; runs that differ only in their seed are drawn as mean and min–max band."),
+            _graph("compare-graph")]),
+    ]  # fmt: skip
+    tabs = (tree_tabs if has_tree else []) + family_tabs(board.sources, row)
     app.layout = html.Div(
         [
             html.Div([html.H3("routescope", style={"margin": "0 16px 0 0"}), html.Div(id="status", children=board.tick()[0])], style=row),
             html.Div(
                 [
                     html.Label("run"), dcc.Dropdown(runs, 0, id="run", clearable=False, style=dd),
-                    html.Label("layer"), dcc.Dropdown(layer_opts, 0, id="layer", clearable=False, style={"width": "120px"}),
-                    html.Label("tree"), dcc.Dropdown(tree_opts, 0, id="tree", clearable=False, style={"width": "110px"}),
+                    html.Span([html.Label("layer"), dcc.Dropdown(layer_opts, 0, id="layer", clearable=False, style={"width": "120px"}),
+                               html.Label("tree"), dcc.Dropdown(tree_opts, 0, id="tree", clearable=False, style={"width": "110px"})],
+                              style=tree_only),
                     html.Label("export"), dcc.RadioItems(["png", "svg"], "png", id="export", inline=True),
                 ],
                 style=row,
@@ -225,36 +262,7 @@ def create_app(paths: list[str | Path], interval_s: float = 2.0) -> Dash:
             html.Div([html.Label("step", style={"marginRight": "8px"}),
                       html.Div(dcc.Slider(0, max(first.n_steps - 1, 0), 1, value=max(first.n_steps - 1, 0), id="step", updatemode="mouseup"),
                                style={"flex": "1"})], style=row),  # fmt: skip
-            dcc.Tabs(
-                id="tabs", value="paths", children=[
-                    dcc.Tab(label="Path usage", value="paths", children=[
-                        html.Div([dcc.Checklist([{"label": "log scale", "value": "log"}, {"label": "animate over training", "value": "animate"}],
-                                                [], id="paths-options", inline=True)], style=row),
-                        _graph("paths-graph")]),
-                    dcc.Tab(label="Tree", value="tree", children=[
-                        html.Div([html.Label("colour by"), dcc.Dropdown([{"label": v, "value": k} for k, v in F.NODE_COLORINGS.items()],
-                                                                         "visits", id="color-by", clearable=False, style={"width": "320px"}),
-                                  html.Span("click a node to follow its drift", style={"color": "#777"})], style=row),
-                        _graph("tree-graph", 560)]),
-                    dcc.Tab(label="Curves", value="curves", children=[
-                        html.Div([html.Label("metric"), dcc.Dropdown(metric_opts, "static_fraction", id="metric", clearable=False, style={"width": "320px"}),
-                                  html.Label("layers"), dcc.Dropdown(layer_opts, [o["value"] for o in layer_opts[:4]], id="curve-layers", multi=True, style={"width": "360px"})], style=row),
-                        _graph("heatmap-graph", 320), _graph("lines-graph", 420)]),
-                    dcc.Tab(label="Node drift", value="drift", children=[
-                        html.Div([html.Label("nodes"), dcc.Dropdown([{"label": f"node {n}", "value": n} for n in range(2**max_depth - 1)], [0],
-                                                                    id="drift-nodes", multi=True, style={"width": "520px"})], style=row),
-                        _graph("drift-graph")]),
-                    dcc.Tab(label="Tokens", value="tokens", children=[
-                        html.Div([html.Label("leaf"), dcc.Input(id="token-leaf", type="number", value=0, min=0, style={"width": "90px"}),
-                                  html.Label("contexts containing"), dcc.Input(id="token-text", type="text", value="", debounce=True, placeholder="e.g. the ")], style=row),
-                        html.Div([html.Div([html.H5("Sampled contexts routed to this leaf (bold: the token)"), html.Ul(id="token-contexts")],
-                                           style={"flex": "1", "maxHeight": "480px", "overflowY": "auto", "fontSize": "13px"}),
-                                  html.Div(_graph("token-paths"), style={"flex": "1.4"})], style={"display": "flex", "gap": "16px"})]),
-                    dcc.Tab(label="Compare runs", value="compare", children=[
-                        html.P("All runs given on the command line; runs that differ only in their seed are drawn as mean and min–max band."),
-                        _graph("compare-graph")]),
-                ],
-            ),  # fmt: skip
+            dcc.Tabs(id="tabs", value=tabs[0].value, children=tabs),
             dcc.Interval(id="tick", interval=int(interval_s * 1000)),
             dcc.Interval(id="animate", interval=350, disabled=True),
             dcc.Store(id="version", data=0),
@@ -283,6 +291,20 @@ def create_app(paths: list[str | Path], interval_s: float = 2.0) -> Dash:
         # `top` is the range the component now has (the file may have grown since: the next tick says so)
         _, value, _ = board.slider(run, current, previous_max, top=top)
         return value, top
+
+
+    graphs = (_register_tree_callbacks(app, board) if has_tree else []) + register_family_callbacks(app, board)
+
+    @app.callback(*[Output(g, "config") for g in graphs], Input("export", "value"))
+    def _export(fmt: str) -> tuple[dict, ...]:
+        config = {"displaylogo": False, "toImageButtonOptions": {"format": fmt, "scale": 2, "filename": "routescope"}}
+        return tuple(config for _ in graphs)
+
+    return app
+
+
+def _register_tree_callbacks(app: Dash, board: Dashboard) -> list[str]:
+    """Wire the tree tabs (path usage, tree, curves, drift, tokens, compare); returns their graph ids."""
 
     @app.callback(Output("paths-graph", "figure"), Input("version", "data"), Input("run", "value"), Input("layer", "value"),
                   Input("step", "value"), Input("paths-options", "value"))  # fmt: skip
@@ -334,14 +356,7 @@ def create_app(paths: list[str | Path], interval_s: float = 2.0) -> Dash:
     def _compare(_v: int, metric: str, layer: int) -> go.Figure:
         return board.compare(metric, layer)
 
-    graphs = ["paths-graph", "tree-graph", "heatmap-graph", "lines-graph", "drift-graph", "token-paths", "compare-graph"]
-
-    @app.callback(*[Output(g, "config") for g in graphs], Input("export", "value"))
-    def _export(fmt: str) -> tuple[dict, ...]:
-        config = {"displaylogo": False, "toImageButtonOptions": {"format": fmt, "scale": 2, "filename": "routescope"}}
-        return tuple(config for _ in graphs)
-
-    return app
+    return ["paths-graph", "tree-graph", "heatmap-graph", "lines-graph", "drift-graph", "token-paths", "compare-graph"]
 
 
 def is_loopback(host: str) -> bool:

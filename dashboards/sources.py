@@ -20,9 +20,11 @@ import xarray as xr
 
 from routescope import events as rs_events
 from routescope import metrics as rs_metrics
+from routescope.schema import layer_sizes
 from routescope.store import RunFileError, group_dataset, open_h5, reads_run_file
 
 
+FAMILY_GROUPS = ("l1", "moe")  # the other layer families' groups (routescope.schema), drawn by family_views
 WHOLE_RUN_EVERY_S = 30.0  # a live run's pruning events / warnings are refreshed at most this often
 
 
@@ -35,6 +37,8 @@ class _Cache:
     mu: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (layer, tree) -> (step, node)
     events: pd.DataFrame | None = None
     events_steps: int = -1
+    family_curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # family -> metric -> (step, layer)
+    expert_share: dict[int, np.ndarray] = field(default_factory=dict)  # moe layer -> (step, expert)
     warnings: pd.DataFrame | None = None
     warnings_steps: int = -1
     whole_run_at: dict[str, float] = field(default_factory=dict)  # when events/warnings were last computed
@@ -52,6 +56,7 @@ class RunSource:
         self.tree: xr.Dataset | None = None
         self.run: xr.Dataset | None = None
         self.traces: xr.Dataset | None = None
+        self.families: dict[str, xr.Dataset] = {}  # the `l1` / `moe` groups present
         self._cache = _Cache()
         self.refresh(force=True)
 
@@ -76,7 +81,7 @@ class RunSource:
                 return False
             before = self.n_steps if self.tree is not None or self.run is not None else -1
             old = self._file
-            f, self.tree, self.run, self.traces = _open_groups(self.path)
+            f, self.tree, self.run, self.traces, self.families = _open_groups(self.path)
             self._file, self._signature = f, signature
             if self.n_steps < before:  # the file was replaced by a shorter one: caches start over
                 self._cache = _Cache()
@@ -99,9 +104,9 @@ class RunSource:
 
     @property
     def steps(self) -> np.ndarray:
-        if self.tree is not None:
-            return self.tree["step"].values
-        return self.run["step"].values if self.run is not None else np.zeros(0, dtype=np.int64)
+        """Closing steps of the intervals the step slider walks: the tree group's, else the first family's."""
+        primary = self.tree if self.tree is not None else next(iter(self.families.values()), self.run)
+        return primary["step"].values if primary is not None else np.zeros(0, dtype=np.int64)
 
     @property
     def n_steps(self) -> int:
@@ -198,6 +203,91 @@ class RunSource:
         self._cache.whole_run_at[name] = now
         return True
 
+    # ---- the l1 / moe groups ----
+    def family_layers(self, family: str) -> list[rs_metrics.FamilyLayer]:
+        """The layers of one family group (index, name, width, k); empty when the run has none."""
+        ds = self.families.get(family)
+        return rs_metrics.family_layers(ds, family) if ds is not None else []
+
+    def family_row(self, family: str, step_index: int | None) -> int | None:
+        """Row of a family's group for a slider position: the interval with the same closing step, or
+        the last one before it (groups may differ by a row after a kill); None when it has no rows."""
+        with self._lock:
+            ds = self.families.get(family)
+            if ds is None or ds.sizes["step"] == 0 or self.n_steps == 0:
+                return None
+            step = self.steps[self._clamp(step_index)]
+            return max(int(np.searchsorted(ds["step"].values, step, side="right")) - 1, 0)
+
+    def _clamp(self, index: int | None) -> int:
+        n = self.n_steps
+        return n - 1 if index is None or not 0 <= index < n else int(index)
+
+    def _family_counts(self, family: str, row: int, layer: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """One layer's counts at one interval, straight from h5py; `tokens` is that layer's tokens."""
+        g = self._file[family]
+        out = {name: g[name][row, layer] for name in names}
+        out["tokens"] = g["layer_tokens"][row, layer]
+        return out
+
+    def l1_interval(self, layer: int, row: int) -> dict[str, Any]:
+        """One L1 layer at one interval: the file's bin edges for its width, the active-unit histogram,
+        and its metrics from routescope.metrics (unit_firing_rate (unit,), active_mean, ...)."""
+        with self._lock:
+            info = self.family_layers("l1")[layer]
+            counts = self._family_counts("l1", row, layer, ("unit_fires", "active_sum", "active_hist"))
+            bins = layer_sizes("l1", {"d_hidden": info.width})["bin"]  # this layer's share of the padded bins
+            edges = np.asarray(self._file["l1"]["active_hist"].attrs["bin_edges"])[: bins + 1]
+            values = rs_metrics.l1_metrics_numpy(counts, info.width, edges[:-1])
+            return {"step": int(self.families["l1"]["step"].values[row]), "edges": edges,
+                    "hist": counts["active_hist"][:bins], **values}  # fmt: skip
+
+    def moe_interval(self, layer: int, row: int) -> dict[str, Any]:
+        """One MoE layer at one interval: loads as shares of k·tokens (processed, selected before drops),
+        the co-selection counts (E, E), tokens, and its metrics from routescope.metrics."""
+        with self._lock:
+            info = self.family_layers("moe")[layer]
+            names = ("expert_tokens", "dropped_tokens", "coselect", "router_entropy_sum")
+            counts = self._family_counts("moe", row, layer, names)
+            values = rs_metrics.moe_metrics_numpy(counts, info.width, info.k)
+            scale = max(float(info.k * counts["tokens"]), 1.0)
+            coselect = counts["coselect"][: info.width, : info.width]
+            return {"step": int(self.families["moe"]["step"].values[row]), "tokens": float(counts["tokens"]),
+                    "processed": values["tokens_per_expert"] / scale, "selected": np.diagonal(coselect) / scale,
+                    "coselect": coselect, **values}  # fmt: skip
+
+    def expert_share(self, layer: int) -> np.ndarray:
+        """Tokens each expert processed per interval as a share of k·tokens, (step, expert). Cached."""
+        with self._lock:
+            info = self.family_layers("moe")[layer]
+            n = self.families["moe"].sizes["step"]
+            have = self._cache.expert_share.get(layer)
+            done = 0 if have is None else len(have)
+            if done < n:
+                g = self._file["moe"]
+                processed = g["expert_tokens"][done:n, layer, : info.width].astype(float)
+                tokens = g["layer_tokens"][done:n, layer].astype(float)
+                block = processed / np.maximum(info.k * tokens, 1.0)[:, None]
+                have = block if have is None else np.concatenate([have, block])
+                self._cache.expert_share[layer] = have
+            return have
+
+    def family_curves(self, family: str) -> dict[str, np.ndarray]:
+        """Per-interval metrics of a family (routescope.metrics.family_timeseries), {metric: (step, layer)},
+        extended incrementally as the run grows."""
+        with self._lock:
+            ds = self.families.get(family)
+            if ds is None:
+                return {}
+            have = self._cache.family_curves.setdefault(family, {})
+            done, n = len(next(iter(have.values()), ())), ds.sizes["step"]
+            if done < n:  # rolling=1: each interval on its own, so new rows need only new rows
+                new = rs_metrics.family_timeseries(ds.isel(step=slice(done, n)), family, rolling=1)
+                for name in new.data_vars:
+                    block = new[name].values
+                    have[name] = block if name not in have else np.concatenate([have[name], block])
+            return have
+
     def loss(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{"train": (steps, values), "val": ...} from the run group."""
         if self.run is None:
@@ -211,17 +301,19 @@ class RunSource:
 
 
 @reads_run_file()
-def _open_groups(path: Path) -> tuple[Any, xr.Dataset | None, xr.Dataset | None, xr.Dataset | None]:
-    """The open file and its tree / run / traces groups (None where absent); damage is a RunFileError."""
+def _open_groups(path: Path) -> tuple[Any, xr.Dataset | None, xr.Dataset | None, xr.Dataset | None, dict[str, xr.Dataset]]:
+    """The open file, its tree / run / traces groups (None where absent) and its l1 / moe groups;
+    damage is a RunFileError."""
     f = open_h5(path)
     try:
         tree = group_dataset(f, "tree") if "tree" in f else None
         run = group_dataset(f, "run") if "run" in f else None
         traces = group_dataset(f, "traces") if "traces" in f and "sample" in f["traces"] else None
+        families = {name: group_dataset(f, name) for name in FAMILY_GROUPS if name in f}
     except BaseException:
         f.close()
         raise
-    return f, tree, run, traces
+    return f, tree, run, traces, families
 
 
 def unique_labels(paths: list[Path]) -> list[str]:

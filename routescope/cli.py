@@ -240,7 +240,7 @@ def dash(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8050,
     interval: Annotated[float, typer.Option(help="Seconds between checks for new intervals (live runs).")] = 2.0,
 ) -> None:
-    """Open the interactive dashboard (path usage, the tree, curves, drift, tokens, run comparison) in a browser."""
+    """Open the interactive dashboard (trees: paths, curves, drift, tokens; L1 units; MoE experts; run comparison) in a browser."""
     from routescope.dashboards.app import create_app, is_loopback
 
     if not 1 <= port <= 65535:
@@ -248,7 +248,6 @@ def dash(
     if interval <= 0:
         fail(f"--interval must be positive, got {interval}")
     try:
-        _check_dashboard_families(paths)
         app_ = create_app(paths, interval)
     except RunFileError as err:
         fail(str(err))
@@ -261,24 +260,6 @@ def dash(
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no per-request log lines, no dev-server banner
     app_.run(host=host, port=port, debug=False)
-
-
-def _check_dashboard_families(paths: list[Path]) -> None:
-    """The dashboard draws tree layers only (for now): refuse runs that hold nothing but L1/MoE layers."""
-    from routescope.store import describe
-
-    others = {}
-    for path in paths:
-        families = describe(path).get("families", {})
-        if families and "tree" not in families:
-            others[path] = sorted(families)
-    if others and len(others) == len(paths):
-        path, names = next(iter(others.items()))
-        fail(f"routescope dash draws tree layers only; {path} holds {' and '.join(names)} layers: "
-             f"see them with `routescope report {path}` (or routescope.open(path, group={names[0]!r}))")  # fmt: skip
-    for path, names in others.items():
-        errors.print(f"[yellow]note:[/] {path} holds only {' and '.join(names)} layers, which the dashboard does not "
-                     f"draw yet; `routescope report {path}` shows them")  # fmt: skip
 
 
 @app.callback(invoke_without_command=True)
