@@ -1,5 +1,5 @@
 """L1 and MoE metrics on cases with known answers (synthetic files and layers built to route a known way),
-and the CLI (record, info, report, dash) on the debug-l1 / debug-moe presets."""
+and the CLI (record, info, report) on the debug-l1 / debug-moe presets."""
 
 from __future__ import annotations
 
@@ -215,11 +215,10 @@ def test_report_json_and_table(family_runs: dict[str, Path], family: str) -> Non
     assert table.returncode == 0 and f"{family} layers" in table.stdout and "blocks.1.mlp" in table.stdout
 
 
-def test_report_compares_families_and_dash_refuses_clearly(family_runs: dict[str, Path], debug_run: Path) -> None:
+def test_report_compares_families(family_runs: dict[str, Path], debug_run: Path) -> None:
+    """(`routescope dash` on these files: tests/test_dashboard_families.py.)"""
     result = run_cli("report", str(debug_run), str(family_runs["l1"]), str(family_runs["moe"]))
     assert result.returncode == 0, result.stderr
     assert "route H" in result.stdout and "l1 0" in result.stdout and "moe 1" in result.stdout
-    dash = run_cli("dash", str(family_runs["l1"]))
-    assert dash.returncode == 2 and "Traceback" not in dash.stderr and "tree layers only" in dash.stderr
     bad = run_cli("report", str(family_runs["l1"]), "--layer", "5")
     assert bad.returncode == 2 and "l1 layers 0..1" in bad.stderr
