@@ -108,7 +108,7 @@ def coselect_heatmap(coselect: np.ndarray, tokens: float, step: int, layer: str)
 def active_units_histogram(edges: np.ndarray, counts: np.ndarray, step: int, layer: str, mean: float | None = None) -> go.Figure:
     """Tokens by number of active units in one interval, over the file's fixed log-spaced bins
     (bin b = [edges[b], edges[b+1])), on a log x axis. Bin 0 holds exactly 0 active units; a log
-    axis has no 0, so it is drawn from 0.5 to 1 and its tick says "0". The exact mean is marked."""
+    axis has no 0, so it is drawn from 0.5 to 1 and its tick says "0". The exact mean (metrics) is marked."""
     edges = np.asarray(edges, dtype=float)
     counts = np.asarray(counts, dtype=float)
     if len(edges) != len(counts) + 1:
@@ -124,8 +124,9 @@ def active_units_histogram(edges: np.ndarray, counts: np.ndarray, step: int, lay
     fig.add_scatter(x=shown, y=np.append(counts, counts[-1] if len(counts) else 0), mode="lines", line_shape="hv",
                     fill="tozeroy", name="tokens", text=hover + [""], hoverinfo="text",
                     customdata=np.stack([edges, np.append(edges[1:], np.nan)], axis=-1))  # fmt: skip
-    if mean is not None and np.isfinite(mean) and mean > 0:
-        fig.add_vline(x=mean, line_dash="dash", line_color="black", annotation_text=f"mean {mean:.1f}")
+    if mean is not None and np.isfinite(mean) and mean > 0:  # a trace, not a shape: shape labels misplace on log axes
+        fig.add_scatter(x=[mean, mean], y=[0, max(counts.max(initial=0), 1)], mode="lines", name=f"mean {mean:.1f}",
+                        line=dict(dash="dash", color="black"), hoverinfo="name")  # fmt: skip
     ticks = [0.5] + [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384) if v <= edges[-1]]
     fig.update_xaxes(type="log", tickvals=ticks, ticktext=["0"] + [str(v) for v in ticks[1:]])
     return _layout(fig, f"Active units per token, {layer}, interval ending at step {step}", "active units per token (log)", "tokens")

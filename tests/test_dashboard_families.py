@@ -83,7 +83,7 @@ def test_active_units_histogram_uses_the_given_edges_on_a_log_axis() -> None:
     assert trace.x[0] == 0.5 and list(trace.x[1:]) == list(edges[1:])  # bin 0 (no active unit) drawn from 0.5
     assert list(trace.y[:-1]) == list(counts) and trace.line.shape == "hv"
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.ticktext[0] == "0"
-    assert fig.layout.shapes[0].x0 == 3.5  # the exact mean
+    assert list(fig.data[1].x) == [3.5, 3.5] and fig.data[1].name == "mean 3.5"  # the exact mean
     assert edges[21] - edges[20] == 2 and f"{edges[20]}–{edges[21] - 1} active units: 2 tokens" in trace.text[20]
     with pytest.raises(ValueError, match="edges"):
         FF.active_units_histogram(edges[:-1], counts, 9, "l1 layer 0")
