@@ -19,6 +19,7 @@ from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 
 from routescope.dashboards import figures as F
 from routescope.dashboards.family_views import FamilyViews, families_present, family_tabs, register_family_callbacks
+from routescope.dashboards.server_safety import guard
 from routescope.dashboards.sources import RunSource, seed_groups, unique_labels
 
 TABS = ("paths", "tree", "curves", "drift", "tokens", "compare")
@@ -203,6 +204,7 @@ def create_app(paths: list[str | Path], interval_s: float = 2.0) -> Dash:
     threading.Thread(target=board.warm, name="routescope-dash-warm", daemon=True).start()
     assets = tempfile.mkdtemp(prefix="routescope-dash-assets-")  # empty: nothing of the disk is served
     app = Dash(__name__, assets_folder=assets, title="routescope", serve_locally=True, update_title=None)
+    guard(app.server)  # traversal attempts and unknown files: a plain 404
     app.board = board  # type: ignore[attr-defined]
     first = board.sources[0]
     max_layers = max((len(s.layers) for s in board.sources), default=0)

@@ -4,6 +4,7 @@ an L1-only file."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -252,7 +253,8 @@ def test_l1_views_follow_a_growing_file(tmp_path: Path) -> None:
 
 
 def test_dash_serves_an_l1_only_run(runs: dict[str, Path]) -> None:
-    """`routescope dash` on a file with only L1 layers starts and its layout holds the L1 tab only."""
+    """`routescope dash` on a file with only L1 layers starts and its layout holds the L1 tab only; the real
+    server answers raw traversal requests (not normalised by a client) with 404."""
     import socket
 
     with socket.socket() as sock:
@@ -268,6 +270,11 @@ def test_dash_serves_an_l1_only_run(runs: dict[str, Path]) -> None:
             except OSError:
                 time.sleep(0.3)
         assert layout is not None, "the dashboard did not answer"
+        for raw in ("/_dash-component-suites/../../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd"):  # sent as is
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", raw)
+            assert conn.getresponse().status == 404, raw
+            conn.close()
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=20)

@@ -12,6 +12,7 @@ import pytest
 
 from routescope.dashboards import figures as F
 from routescope.dashboards.app import METRIC_LABELS, create_app, is_loopback
+from routescope.dashboards.server_safety import is_traversal
 from routescope.dashboards.sources import seed_groups, unique_labels
 
 # ---- a depth-3 tree whose subtree under node 2 is dead -------------------------------------------
@@ -439,14 +440,41 @@ def test_server_serves_index(app) -> None:
         "/_dash-component-suites/../../../../etc/passwd",
         "/_dash-component-suites/dash/../../../../../../etc/passwd",
         "/assets/..%2f..%2f..%2f..%2fetc%2fpasswd",
+        "/_dash-component-suites/dash/dcc/../../../etc/passwd",
+        "/_dash-component-suites/dash/deps/..%5c..%5csetup.py",
+        "/_dash-component-suites/dash/%2E%2E/%2E%2E/setup.py",
+        "/..",
+        "/%2e%2e/etc/passwd",
+        "/%252e%252e/etc/passwd",
+        "/_dash-layout/../../etc/passwd",
     ],
 )
 def test_server_refuses_path_traversal(app, url: str) -> None:
+    """Every traversal attempt is a clean 404 (Dash alone gave a 500 or, for /.., the index page)."""
     client = app.server.test_client()
     response = client.get(url)
-    assert response.status_code != 200
+    assert response.status_code == 404
     assert b"root:" not in response.data
     assert b"Traceback" not in response.data  # never in debug mode: no stack traces to the client
+
+
+def test_server_serves_only_the_app_and_registered_files(app, debug_run: Path) -> None:
+    """Unknown suite files are a 404 (not Dash's 500); a run file's path gets the app's page, never the file."""
+    client = app.server.test_client()
+    for url in ("/_dash-component-suites/nosuchpackage/x.js", "/_dash-component-suites/dash/setup.py",
+                "/_dash-component-suites/plotly/__init__.py", f"/assets/{debug_run.name}"):  # fmt: skip
+        assert client.get(url).status_code == 404, url
+    for url in (str(debug_run), f"/{debug_run.name}"):
+        response = client.get(url)
+        assert not response.data.startswith(b"\x89HDF") and b"routescope" in response.data  # Dash's page route
+    assert client.get("/_dash-layout").status_code == 200 and client.get("/_dash-dependencies").status_code == 200
+
+
+def test_is_traversal() -> None:
+    assert is_traversal("/a/../b", "/a/../b") and is_traversal("/a/%2E%2e/b", "/a/../b") and is_traversal("/a%5cb", "/a\\b")
+    assert is_traversal("/%252e%252e/x", "/%2e%2e/x")  # double-encoded
+    assert not is_traversal("/_dash-component-suites/dash/deps/react@18.3.1.min.js", "/_dash-component-suites/dash/deps/react@18.3.1.min.js")
+    assert not is_traversal("/a/..b/c.d", "/a/..b/c.d")  # dots inside a name are no segment
 
 
 def test_server_still_serves_registered_scripts(app) -> None:
