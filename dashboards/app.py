@@ -22,7 +22,7 @@ from routescope.dashboards.family_views import FamilyViews, families_present, fa
 from routescope.dashboards.server_safety import guard
 from routescope.dashboards.sources import RunSource, seed_groups, unique_labels
 
-TABS = ("paths", "tree", "curves", "drift", "tokens", "compare")
+TABS = ("paths", "tree", "curves", "drift", "tokens", "compare")  # the tree tabs; L1 / MoE: family_views.FAMILY_TABS
 METRIC_LABELS = {
     "static_fraction": "static fraction (auto-pruning)",
     "dead_fraction": "dead fraction",

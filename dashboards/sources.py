@@ -25,6 +25,7 @@ from routescope.store import RunFileError, group_dataset, open_h5, reads_run_fil
 
 
 FAMILY_GROUPS = ("l1", "moe")  # the other layer families' groups (routescope.schema), drawn by family_views
+FAMILY_BLOCK = 256  # intervals per family_timeseries call when the curves catch up
 WHOLE_RUN_EVERY_S = 30.0  # a live run's pruning events / warnings are refreshed at most this often
 
 
@@ -281,8 +282,10 @@ class RunSource:
                 return {}
             have = self._cache.family_curves.setdefault(family, {})
             done, n = len(next(iter(have.values()), ())), ds.sizes["step"]
-            if done < n:  # rolling=1: each interval on its own, so new rows need only new rows
-                new = rs_metrics.family_timeseries(ds.isel(step=slice(done, n)), family, rolling=1)
+            # rolling=1: each interval on its own, so new rows need only new rows; blocks of
+            # FAMILY_BLOCK rows bound the memory (an MoE co-selection row is E² counts per layer)
+            for start in range(done, n, FAMILY_BLOCK):
+                new = rs_metrics.family_timeseries(ds.isel(step=slice(start, min(start + FAMILY_BLOCK, n))), family, rolling=1)
                 for name in new.data_vars:
                     block = new[name].values
                     have[name] = block if name not in have else np.concatenate([have[name], block])
