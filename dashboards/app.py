@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 
 from routescope.dashboards import figures as F
-from routescope.dashboards.family_views import FamilyViews, families_present, family_tabs, register_family_callbacks
+from routescope.dashboards.family_views import FAMILY_TABS, FamilyViews, families_present, family_tabs, register_family_callbacks
 from routescope.dashboards.server_safety import guard
 from routescope.dashboards.sources import RunSource, seed_groups, unique_labels
 
@@ -80,6 +80,13 @@ class Dashboard(FamilyViews):
         fig.update_layout(template=F.TEMPLATE, xaxis_visible=False, yaxis_visible=False)
         return fig
 
+    @staticmethod
+    def _no_tree(src: RunSource) -> str:
+        """Why a tree view of this run is empty: it has other families only, or nothing yet."""
+        if src.tree is None and src.families:
+            return f"run {src.label} has no tree layers (see the {' and '.join(FAMILY_TABS[f] for f in src.families)} tab)"
+        return "no routed layers recorded yet"
+
     # ---- live ----
     def tick(self) -> tuple[list[Any], bool]:
         """Re-open grown files; the status badges and whether anything new arrived."""
@@ -123,7 +130,7 @@ class Dashboard(FamilyViews):
     def paths(self, run: int | None, layer: int | None, step_index: int | None, log: bool) -> go.Figure:
         src = self.source(run)
         if src.tree is None or src.n_steps == 0:
-            return self._empty("no routed layers recorded yet")
+            return self._empty(self._no_tree(src))
         layer = int(layer or 0)
         i = self._step_index(src, step_index)
         counts = src.interval(i, layer, ("leaf_visits",))["leaf_visits"]
@@ -132,7 +139,7 @@ class Dashboard(FamilyViews):
     def tree(self, run: int | None, layer: int | None, tree: int | None, step_index: int | None, color_by: str) -> go.Figure:
         src = self.source(run)
         if src.tree is None or src.n_steps == 0:
-            return self._empty("no routed layers recorded yet")
+            return self._empty(self._no_tree(src))
         layer, tree = int(layer or 0), int(tree or 0)
         i = self._step_index(src, step_index)
         data = src.interval(i, layer, ("node_visits", "node_right", "node_act_sum", "leaf_visits"))
@@ -145,7 +152,7 @@ class Dashboard(FamilyViews):
         src = self.source(run)
         curves = src.curves()
         if metric not in curves or src.n_steps == 0:
-            empty = self._empty("no routed layers recorded yet")
+            empty = self._empty(self._no_tree(src))
             return empty, empty
         values = curves[metric]
         chosen = [int(x) for x in (layers or range(values.shape[1]))]
@@ -156,7 +163,7 @@ class Dashboard(FamilyViews):
     def drift(self, run: int | None, layer: int | None, tree: int | None, nodes: list[int] | None) -> go.Figure:
         src = self.source(run)
         if src.tree is None or src.n_steps == 0:
-            return self._empty("no routed layers recorded yet")
+            return self._empty(self._no_tree(src))
         layer, tree = int(layer or 0), int(tree or 0)
         mu = src.mu(layer, tree)
         chosen = [int(n) for n in (nodes or [0]) if int(n) < mu.shape[1]]

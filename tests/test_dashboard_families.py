@@ -185,6 +185,7 @@ def test_views_of_a_family_a_run_lacks_say_so(runs: dict[str, Path]) -> None:
     for fig in (*board.moe_at_step(0, 0, None), *board.l1_at_step(1, 0, None), board.l1_over_training(1, 0)):
         assert not fig.data and "has no" in fig.layout.annotations[0].text
     assert "layers 0..1 only" in board.l1_over_training(0, 7).layout.annotations[0].text
+    assert "has no tree layers (see the L1 units tab)" in board.paths(0, 0, None, False).layout.annotations[0].text
 
 
 def test_mixed_run_keeps_the_tree_views(tmp_path: Path) -> None:
