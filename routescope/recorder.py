@@ -66,6 +66,9 @@ class Recorder:
     every: optimizer steps per interval (one row of the file). sample_tokens: tokens per interval
     whose full path is kept in group `traces`. modules: names or modules to record (default: all
     routed layers). scalars: per-interval values passed to `step()`/`log()` (NaN where not given).
+    on_error: what a failed write (disk full, ...) does at the next `step()`: "raise" a RecorderError
+    (again at `close()`), or "stop": warn once, close the file marked failed, and make later calls
+    no-ops so that training goes on without recording. Rows flushed before the failure stay intact.
     """
 
     def __init__(
@@ -81,9 +84,13 @@ class Recorder:
         context: int = 32,
         seed: int = 0,
         overwrite: bool = False,
+        on_error: str = "raise",
     ) -> None:
         if every < 1:
             raise ValueError("every must be >= 1")
+        if on_error not in ("raise", "stop"):
+            raise ValueError(f"on_error must be 'raise' or 'stop', got {on_error!r}")
+        self.on_error = on_error
         self.layers = _select_layers(model, modules)
         distributed.ignore_accumulators(model)  # DDP must not broadcast rank 0's counts over the others'
         self.path = Path(path)
@@ -158,13 +165,19 @@ class Recorder:
                 self._thread.join()
             self._writer.close("failed" if self._error is not None and state == "finished" else state)
             self._writer = None
-        if self._error is not None:
+        if self._error is not None and self.on_error == "stop":
+            warnings.warn(f"recording to {self.path} stopped: {self._error}; training goes on without it",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
+        elif self._error is not None:
             raise RecorderError(f"recording to {self.path} stopped: {self._error}") from self._error
 
     # ------------------------------------------------------------------ per step
     def step(self, loss: Tensor | float | None = None, token_ids: Tensor | None = None, **scalars: float | Tensor) -> None:
         """Call once per optimizer step. `loss` is averaged over the interval on the device (no sync);
         `token_ids` (the batch's input ids, shape (batch, seq)) label the sampled traces."""
+        if self._error is not None and self.on_error == "stop":
+            self.close("failed")  # warns, once: the writer is gone afterwards and close() returns at once
+            return
         if self._error is not None:
             raise RecorderError(f"recording to {self.path} stopped: {self._error}") from self._error
         self.global_step += 1
