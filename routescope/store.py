@@ -393,14 +393,6 @@ def group_dataset(f: h5py.File, group: str = "tree"):
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
-def open_run(path: str | Path, group: str = "tree"):
-    """Open a run file as a lazy (dask-backed) xarray Dataset of one group: "tree", "l1", "moe", "run" or "traces".
-
-    Works on finished runs, runs still being written (SWMR) and runs killed mid-interval.
-    """
-    return group_dataset(open_h5(path), group)
-
-
 def reads_run_file(*passthrough: type[BaseException]) -> Callable[[F], F]:
     """Decorator for functions whose first argument is a run file: any failure while reading it
     (a damaged file makes h5py, json or numpy fail in many ways) becomes one RunFileError line.
@@ -421,6 +413,16 @@ def reads_run_file(*passthrough: type[BaseException]) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return wrap
+
+
+@reads_run_file()
+def open_run(path: str | Path, group: str = "tree"):
+    """Open a run file as a lazy (dask-backed) xarray Dataset of one group: "tree", "l1", "moe", "run" or "traces".
+
+    Works on finished runs, runs still being written (SWMR) and runs killed mid-interval. A damaged
+    file raises RunFileError here; damage inside data chunks surfaces when they are read (h5py's OSError).
+    """
+    return group_dataset(open_h5(path), group)
 
 
 @reads_run_file()

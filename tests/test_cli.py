@@ -241,7 +241,7 @@ def _schema_only(tmp: Path, run: Path) -> Path:
     ],
     ids=["missing", "directory", "empty", "text", "truncated", "foreign-hdf5", "newer-schema", "no-groups"],
 )
-@pytest.mark.parametrize("command", ["info", "dash"])
+@pytest.mark.parametrize("command", ["info", "report", "dash"])
 def test_bad_input(tmp_path: Path, debug_run: Path, make, says: str, command: str) -> None:
     path = make(tmp_path, debug_run)
     result = run_cli(command, str(path))
