@@ -234,6 +234,22 @@ def report(
 
 
 @app.command()
+def repair(path: Annotated[Path, typer.Argument(help="Run file (.h5) whose recording was killed.")]) -> None:
+    """Let plain h5py open a run whose recording was killed (clears HDF5's open-for-write flags, as h5clear -s)."""
+    from routescope.repair import clear_open_flags
+
+    try:
+        cleared = clear_open_flags(path)
+    except RunFileError as err:
+        fail(str(err))
+    if cleared:
+        console.print(f"{path}: cleared HDF5's open-for-write flags; plain h5py.File(path, 'r') opens it now "
+                      "(run_state stays 'running': the run was never closed)")  # fmt: skip
+    else:
+        console.print(f"{path}: nothing to do (closed cleanly, plain h5py opens it)")
+
+
+@app.command()
 def dash(
     paths: Annotated[list[Path], typer.Argument(help="Run file(s) to show; only these files are served.")],
     host: Annotated[str, typer.Option(help="Address to bind; anything but 127.0.0.1 exposes your runs to the network.")] = "127.0.0.1",

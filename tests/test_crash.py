@@ -93,3 +93,22 @@ def test_kill_moments_differ(kills: dict[str, Kill]) -> None:
     """The seeded delays really spread the kills (a harness that always killed at once would test little)."""
     rows = {check_run_file(k).rows for k in kills.values() if k.sig == signal.SIGKILL}
     assert len(rows) > 1, rows
+
+
+@pytest.mark.slow
+def test_repair_lets_plain_h5py_open_killed_files(kills: dict[str, Kill], tmp_path: Path) -> None:
+    """`routescope repair` on copies of the killed files: plain h5py opens them, with the same checked rows."""
+    import dataclasses
+    import shutil
+
+    from routescope.repair import clear_open_flags
+
+    for case, kill in kills.items():
+        if kill.sig != signal.SIGKILL:
+            continue
+        before = check_run_file(kill)
+        copy = tmp_path / kill.path.name
+        shutil.copy(kill.path, copy)
+        assert clear_open_flags(copy) is True, case
+        after = check_run_file(dataclasses.replace(kill, path=copy))
+        assert after.plain_open == "plain" and after.rows == before.rows and after.run_state == "running", case
