@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import h5py
 import numpy as np
 
+from routescope._swmr import open_swmr
 from routescope.schema import COMMON_TRACES, FAMILIES, TREE, Family, Variable, coordinate_values, layer_sizes
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -309,7 +310,7 @@ def open_h5(path: str | Path) -> h5py.File:
             raise RunFileError(f"{p} is a truncated or corrupt HDF5 file ({_first_line(err)}); it cannot be read") from None
         # Still being written, or killed while writing: the superblock says "open for write", which
         # only an SWMR reader accepts. Everything flushed before the kill is readable that way.
-        f = h5py.File(p, "r", libver="latest", swmr=True)
+        f = open_swmr(p)  # retries bounded: a damaged killed file fails in about 1 s, not minutes (_swmr.py)
         if p.stat().st_size + TRUNCATION_SLACK < f.id.get_filesize():
             f.close()
             raise RunFileError(f"{p} is truncated (shorter than its own header says); it cannot be read")

@@ -97,3 +97,30 @@ def test_undamaged_family_files_read(family_files: dict[str, Path], tmp_path: Pa
     for family, path in family_files.items():
         ds = routescope.open(path, family)
         assert ds.sizes["step"] >= 1 and ds.attrs["run_state"] == "finished"
+
+
+def test_damaged_killed_file_fails_fast(tmp_path: Path) -> None:
+    """A killed (SWMR-only) file whose chunk indexes are damaged: a clean error in seconds. HDF5's SWMR
+    reader retries a failed metadata checksum 100 times with a doubling sleep (about 20 minutes per
+    block) unless routescope bounds it (routescope/_swmr.py); the crash soak met this as 'hangs'."""
+    import time
+
+    from test_repair import killed_writer
+
+    path = tmp_path / "killed.h5"
+    proc = killed_writer(path)
+    assert proc.communicate(timeout=60)[0].strip() == "written"
+    data = bytearray(path.read_bytes())
+    blocks = [i for i in range(len(data) - 4) if data[i : i + 4] == b"EAIB"]  # extensible-array index blocks
+    assert blocks
+    for at in blocks:
+        data[at + 10] ^= 0xFF  # inside the block: its checksum no longer matches
+    path.write_bytes(bytes(data))
+    start = time.monotonic()
+    result = run_cli("info", str(path), timeout=60)
+    assert time.monotonic() - start < 30
+    assert_user_error(result, contains="damaged run file")
+    start = time.monotonic()
+    with pytest.raises(RunFileError, match="damaged run file"):
+        routescope.open(path).load()  # noqa: the open or the first read fails, one clean line either way
+    assert time.monotonic() - start < 15
