@@ -152,9 +152,10 @@ def time_row(n: int, d: int, depth: int, bw: float, with_fff: bool, cfg: tt.Kern
     return out
 
 
-SWEEP = [  # block_m, block_k, block_o, sub_levels, num_warps, num_stages, out_splits
-    (32, 64, 64, 6, 4, 3, 1), (32, 64, 64, 6, 4, 3, 2), (32, 64, 64, 6, 4, 3, 4), (32, 64, 64, 6, 4, 2, 2),
-    (16, 64, 64, 6, 4, 3, 2), (64, 64, 64, 6, 4, 3, 2), (64, 64, 64, 6, 8, 3, 1), (64, 64, 128, 6, 4, 3, 2),
+SWEEP = [  # block_m, block_k, block_o, sub_levels, num_warps, num_stages
+    (64, 64, 64, 6, 4, 3), (32, 64, 64, 6, 4, 3), (16, 64, 64, 6, 4, 3), (32, 64, 64, 5, 4, 3),
+    (32, 64, 64, 7, 4, 3), (64, 64, 64, 6, 8, 3), (128, 64, 64, 6, 8, 3), (32, 128, 128, 6, 4, 2),
+    (64, 64, 64, 5, 4, 3), (128, 64, 64, 5, 8, 3),
 ]
 
 
@@ -181,7 +182,7 @@ def sweep(console: Console) -> list[dict]:
                 continue
             row = {"d": d, "depth": depth, **cfg.__dict__, "fwd": fwd, "fwd_rec": rec, "bwd": bwd}
             rows.append(row)
-            console.print(f"d={d} depth={depth} bm,bk,bo,sub,warps,stages,osplit={tiles}: "
+            console.print(f"d={d} depth={depth} bm,bk,bo,sub,warps,stages={tiles}: "
                           f"fwd {fwd:.4f}  rec {rec:.4f} ({rec / fwd - 1:+.0%})  bwd {bwd:.4f} ms")  # fmt: skip
     return rows
 
@@ -190,7 +191,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also sweep tiles and subtree sizes at 16k tokens")
     parser.add_argument("--quick", action="store_true", help="tokens 32 and 16384 only")
-    parser.add_argument("--sweep-only", action="store_true", help="the sweep, without the table")
     parser.add_argument("--no-fff", action="store_true", help="skip fastfeedforward (slow: a Python loop)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
@@ -201,12 +201,8 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     console.print(f"{device}, torch {torch.__version__}, triton {triton.__version__}; copy bandwidth {bw / 1e9:.2f} TB/s")
     results: dict = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "copy_tb_s": bw / 1e9}
-    if args.sweep or args.sweep_only:
+    if args.sweep:
         results["sweep"] = sweep(console)
-    if args.sweep_only:
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=1))
-        return
     try:
         import fastfeedforward  # noqa: F401
 

@@ -68,7 +68,6 @@ class KernelConfig:
     sub_levels: int = 6  # levels per subtree, leaf level included: 2^6 − 1 = 63 units per dense block
     num_warps: int = 4
     num_stages: int = 3
-    out_splits: int = 1  # forward: programs per block, each a share of d_out (more in flight; z recomputed)
 
 
 def default_config(n: int, d_in: int, d_out: int, depth: int, backward: bool = False) -> KernelConfig:
@@ -309,17 +308,15 @@ if triton is not None:
     def _subtree_kernel(
         x_ptr, w_ptr, b_ptr, u_ptr, y_ptr, s_ptr, leaf_ptr, z_ptr, perm_ptr, cnt_ptr,
         tok_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr,
-        n, D, O, T, O_PER,
+        n, D, O, T,
         DEPTH: tl.constexpr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
         RECORD: tl.constexpr, SAVE_S: tl.constexpr, Y_ATOMIC: tl.constexpr, SPLIT_A: tl.constexpr,
         TOP: tl.constexpr, TOPW: tl.constexpr, NBP: tl.constexpr, SUBL: tl.constexpr, SUBW: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
-        """Route one block of a subtree's tokens through it and write y (see module doc); program
-        axis 2 picks a share of d_out, and share 0 alone writes z, the leaf and the statistics."""
+        """Route one block of a subtree's tokens through it and write y (see module doc)."""
         pid = tl.program_id(0)
         t = tl.program_id(1)
-        osp = tl.program_id(2)
         NNODE: tl.constexpr = (1 << DEPTH) - 1
         NUNIT: tl.constexpr = 2 * NNODE + 1
         PATH: tl.constexpr = DEPTH + 1
@@ -330,10 +327,7 @@ if triton is not None:
         w_t = w_ptr + t * NUNIT * D
         u_t = u_ptr + t * NUNIT * O
         k_end = tl.where(busy, D, 0)  # idle programs skip their loops
-        o_lo = osp * O_PER
-        o_end = tl.where(busy, tl.minimum(O, o_lo + O_PER), o_lo)
-        first = (tl.arange(0, BM) * 0 + osp) == 0  # (BM,) share 0 (a vector: the interpreter needs one)
-        owner = valid & first
+        o_end = tl.where(busy, O, 0)
         zs = tl.zeros((BM, SUBW), dtype=tl.float32)
         for k0 in tl.range(0, k_end, BK, num_stages=STAGES):
             kk = k0 + rk
@@ -348,20 +342,20 @@ if triton is not None:
         for level in tl.static_range(SUBL):
             sel = c[None, :] == loc[:, None]
             z = tl.sum(tl.where(sel, zs, 0.0), axis=1)
-            tl.store(zrow + TOP + level, z, mask=owner)
+            tl.store(zrow + TOP + level, z, mask=valid)
             onpath = onpath | sel
             if level < SUBL - 1:
                 loc = 2 * loc + 1 + (z > 0.0).to(tl.int32)
         leaf_heap = tl.sum(tl.where(c[None, :] == loc[:, None], heap[None, :], 0), axis=1)
-        tl.store(leaf_ptr + rows * T + t, leaf_heap - NNODE, mask=owner)
+        tl.store(leaf_ptr + rows * T + t, leaf_heap - NNODE, mask=valid)
         hit = onpath & valid[:, None]
         if RECORD:
             if TOP == 0:
-                if (pid == 0) & (t == 0) & (osp == 0):
+                if (pid == 0) & (t == 0):
                     first = tl.arange(0, 1)
                     tl.atomic_add(tok_ptr + first, tl.zeros((1,), dtype=tl.int64) + n, sem="relaxed")
             _add_unit_stats(
-                zs, onpath & owner[:, None], cols, lev < SUBL - 1, t * NNODE + heap, t * (NNODE + 1) + heap - NNODE,
+                zs, hit, cols, lev < SUBL - 1, t * NNODE + heap, t * (NNODE + 1) + heap - NNODE,
                 nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr, ACT, PLACE_OUT,
             )  # fmt: skip
         CDT = x_ptr.dtype.element_ty
@@ -371,9 +365,9 @@ if triton is not None:
         tcol = tl.arange(0, TOPW)  # the block's shared top path: column = level
         atop = _unit_out(tl.load(zrow[:, None] + tcol[None, :], mask=valid[:, None] & (tcol[None, :] < TOP), other=0.0),
                          ACT, PLACE_OUT)  # fmt: skip
-        for o0 in tl.range(o_lo, o_end, BO, num_stages=STAGES):
+        for o0 in tl.range(0, o_end, BO, num_stages=STAGES):
             oo = o0 + ro
-            omask = oo < tl.minimum(O, o_lo + O_PER)
+            omask = oo < O
             uk = tl.load(u_t + heap[:, None] * O + oo[None, :], mask=cols[:, None] & omask[None, :], other=0.0).to(CDT)
             acc = tl.dot(a_hi, uk, input_precision=DOT_PREC)
             if SPLIT_A:
@@ -576,10 +570,8 @@ def tree_forward(
         _route_top_kernel[(triton.cdiv(n, cfg.block_m), trees)](
             x, w, bias, z, perm, counts, *st[:6], n, d_in, trees, TOPW=split.topw, **common,
         )  # fmt: skip
-    out_splits = max(1, min(cfg.out_splits, triton.cdiv(d_out, cfg.block_o)))
-    o_per = triton.cdiv(triton.cdiv(d_out, out_splits), cfg.block_o) * cfg.block_o
-    _subtree_kernel[(_grid_blocks(n, split, cfg.block_m), trees, triton.cdiv(d_out, o_per))](
-        x, w, bias, u, y, s if s is not None else y, leaf, z, perm, counts, *st, n, d_in, d_out, trees, o_per,
+    _subtree_kernel[(_grid_blocks(n, split, cfg.block_m), trees)](
+        x, w, bias, u, y, s if s is not None else y, leaf, z, perm, counts, *st, n, d_in, d_out, trees,
         SAVE_S=s is not None, Y_ATOMIC=y_atomic, SPLIT_A=place_out and x.dtype != torch.float32,
         TOPW=split.topw, SUBL=split.subl, SUBW=split.subw, BO=cfg.block_o, **common,
     )  # fmt: skip
