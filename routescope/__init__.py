@@ -13,19 +13,20 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0+unknown"
 
 if TYPE_CHECKING:
-    from routescope.layers import TreeFFN
+    from routescope.layers import L1SparseFFN, TopKMoE, TreeFFN
     from routescope.patch import patch
     from routescope.recorder import Recorder
 
-__all__ = ["Recorder", "RunFileError", "TreeFFN", "__version__", "open", "patch"]
+__all__ = ["L1SparseFFN", "Recorder", "RunFileError", "TopKMoE", "TreeFFN", "__version__", "open", "patch"]
+_LAYERS = ("TreeFFN", "L1SparseFFN", "TopKMoE")
 
 
 def __getattr__(name: str) -> Any:
     """Import torch-dependent parts on first use, so reading files (and the CLI's `info`) stays fast."""
-    if name == "TreeFFN":
-        from routescope.layers import TreeFFN
+    if name in _LAYERS:
+        from routescope import layers
 
-        return TreeFFN
+        return getattr(layers, name)
     if name == "Recorder":
         from routescope.recorder import Recorder
 
