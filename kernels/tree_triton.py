@@ -41,6 +41,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 # Activation codes shared by host and kernels (index in this tuple).
 ACT_CODES = ("gelu", "gelu_tanh", "relu", "silu", "tanh", "sigmoid", "identity")
+# Input dtypes the kernels take (fp32 accumulation; float64 stays on the torch reference).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Statistic buffers the forward kernels add into, in the order of their pointer arguments.
 FORWARD_STATS = (
     "tokens", "node_visits", "node_right", "node_fires", "node_act_sum", "node_act_sqsum",
@@ -494,6 +496,8 @@ def _check(x: Tensor, w: Tensor, u: Tensor, depth: int) -> None:
             f"backend='triton' runs on CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 to use Triton's "
             "CPU interpreter, or use backend='torch'"
         )
+    if x.dtype not in DTYPES:
+        raise ValueError(f"the Triton tree kernels take {[str(d) for d in DTYPES]} inputs, got {x.dtype}; use backend='torch'")
     if x.dim() != 2 or w.dim() != 3 or u.dim() != 3 or w.shape[1] != 2 ** (depth + 1) - 1:
         raise ValueError("expected x (n, d_in), w (T, 2^(d+1)-1, d_in), u (T, 2^(d+1)-1, d_out)")
 

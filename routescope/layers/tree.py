@@ -169,12 +169,14 @@ class TreeFFN(nn.Module):
         )  # fmt: skip
 
     def uses_triton(self, x: Tensor) -> bool:
-        """Whether a forward on `x` runs the Triton kernels: always for "triton", on CUDA for "auto"."""
+        """Whether a forward on `x` runs the Triton kernels: always for "triton", on CUDA for "auto"
+        (float32/16-bit inputs: the kernels' dense dots have no float64 form)."""
         if self.backend == "triton":
             return True
         return (
             self.backend == "auto" and self.spec.variant == "neuron" and x.is_cuda and tree_triton.available()
-        )
+            and x.dtype in tree_triton.DTYPES and self.w.dtype in tree_triton.DTYPES
+        )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., d_in) -> y (..., d_out); updates the accumulators when recording."""
