@@ -48,7 +48,7 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 @app.command()
 def record(
-    config: Annotated[str, typer.Option("--config", "-c", help="Preset name (see --list).")] = "shakespeare-tree",
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="Preset name (see --list; default shakespeare-tree).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: the preset's).", min=1)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run file to write.")] = Path("run.h5"),
     every: Annotated[Optional[int], typer.Option(help="Steps per recorded interval (default: the preset's).", min=1)] = None,
@@ -57,6 +57,8 @@ def record(
     sample_tokens: Annotated[Optional[int], typer.Option(help="Tokens per interval whose path is kept.", min=0)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     list_presets: Annotated[bool, typer.Option("--list", help="List the presets and exit.")] = False,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run file (and its RUN.ckpt.pt) "
+                                                   "to --steps; README: How resume works.")] = None,  # fmt: skip
 ) -> None:
     """Train a preset on the embedded Shakespeare corpus and record its routing to an HDF5 run file."""
     from routescope.trainers.presets import PRESETS, get_preset
@@ -67,25 +69,33 @@ def record(
             table.add_row(name, str(preset.steps), str(preset.batch_size * preset.model.seq_len), preset.description)
         console.print(table)
         return
-    if config not in PRESETS:
+    if config is not None and config not in PRESETS:
         fail(f"unknown preset {config!r}; choose one of: {', '.join(PRESETS)}")
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         fail(f"--device must be auto, cpu or cuda, got {device!r}")
-    if out.exists() and not overwrite:
-        fail(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
-    if out.parent != Path("") and not out.parent.is_dir():
-        fail(f"cannot write {out}: folder {out.parent} does not exist")
-    cfg = get_preset(config, steps=steps, record_every=every, seed=seed, sample_tokens=sample_tokens)
+    overrides = {"steps": steps, "record_every": every, "seed": seed, "sample_tokens": sample_tokens}
+    if resume is not None:
+        out, name, cfg = resume, config, _resumed_config(resume, config, overrides)
+    else:
+        if out.exists() and not overwrite:
+            fail(f"{out} already exists; pass --overwrite to replace it, --resume {out} to continue it, "
+                 "or --out to write elsewhere")  # fmt: skip
+        if out.parent != Path("") and not out.parent.is_dir():
+            fail(f"cannot write {out}: folder {out.parent} does not exist")
+        name = config or "shakespeare-tree"
+        cfg = get_preset(name, **overrides)
 
     from routescope.trainers.train import train
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # SIGTERM closes the file as Ctrl-C does
-    console.print(f"[bold]routescope record[/] {config}: {cfg.steps} steps, interval {cfg.record_every} → {out}")
+    what = "resume" if resume is not None else "record"
+    console.print(f"[bold]routescope {what}[/] {name or 'run'}: {cfg.steps} steps, interval {cfg.record_every} → {out}")
     try:
-        result = train(cfg, out=out, device=device, overwrite=overwrite)
+        result = train(cfg, out=out, device=device, overwrite=overwrite, checkpoint=True, resume=resume is not None)
     except KeyboardInterrupt:
-        fail(f"interrupted; {out} holds every interval recorded so far (marked 'interrupted')")
-    except ValueError as err:
+        fail(f"interrupted; {out} holds every interval recorded so far (marked 'interrupted'); "
+             f"continue it with `routescope record --resume {out}`")  # fmt: skip
+    except (ValueError, RunFileError) as err:
         fail(str(err))
     size = out.stat().st_size
     console.print(
@@ -94,6 +104,34 @@ def record(
     )
     console.print(f"wrote [bold]{out}[/] ({_human_size(size)})")
     console.print(f"next: [cyan]routescope info {out}[/]")
+
+
+def _resumed_config(path: Path, preset: str | None, overrides: dict[str, object]):  # type: ignore[no-untyped-def]
+    """The training config to resume `path` with: the file's own (or the named preset's), with the overrides given."""
+    from dataclasses import replace
+
+    from routescope.store import open_h5
+    from routescope.trainers.presets import get_preset
+    from routescope.trainers.train import config_from_dict
+
+    try:
+        f = open_h5(path)
+        try:
+            stored = json.loads(f.attrs["config"]).get("preset") if "config" in f.attrs else None
+        finally:
+            f.close()
+    except RunFileError as err:
+        fail(str(err))
+    except (ValueError, AttributeError) as err:
+        fail(f"{path} has an unreadable config attribute ({err}); cannot resume it")
+    if not stored:
+        fail(f"{path} was not recorded by `routescope record` (no preset in its config); it cannot be resumed from the CLI")
+    if preset is not None:
+        return get_preset(preset, **overrides)  # compared with the file's when the recorder reopens it
+    try:
+        return replace(config_from_dict(stored), **{k: v for k, v in overrides.items() if v is not None})
+    except TypeError as err:
+        fail(f"{path} holds a preset this routescope does not know ({err}); cannot resume it")
 
 
 @app.command()

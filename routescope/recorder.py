@@ -69,6 +69,11 @@ class Recorder:
     on_error: what a failed write (disk full, ...) does at the next `step()`: "raise" a RecorderError
     (again at `close()`), or "stop": warn once, close the file marked failed, and make later calls
     no-ops so that training goes on without recording. Rows flushed before the failure stay intact.
+    resume: append to an existing run from its last complete interval (README, "How resume works"):
+    `global_step`, tokens_seen and elapsed_s continue; a file recording other layers, `every`,
+    `sample_tokens` or `config` (keys in `config_may_differ`, dotted, excepted) is refused with
+    RunFileError. resume_step: cut the file to the intervals closing at or before this step first
+    (the step of the training checkpoint being resumed). Only one Recorder may write a file at a time.
     """
 
     def __init__(
@@ -85,6 +90,9 @@ class Recorder:
         seed: int = 0,
         overwrite: bool = False,
         on_error: str = "raise",
+        resume: bool = False,
+        resume_step: int | None = None,
+        config_may_differ: tuple[str, ...] = (),
     ) -> None:
         if every < 1:
             raise ValueError("every must be >= 1")
@@ -101,6 +109,9 @@ class Recorder:
         self.include_eval = include_eval
         self.context = context
         self.overwrite = overwrite
+        self.resume = resume
+        self.resume_step = resume_step
+        self.config_may_differ = tuple(config_may_differ)
         self.global_step = 0
         self._generator = torch.Generator().manual_seed(seed)
         self._writer: RunWriter | None = None
@@ -137,14 +148,19 @@ class Recorder:
             "world_size": distributed.world_size(),
         }
         writer = RunWriter if distributed.is_writer() else distributed.NullWriter  # only rank 0 writes
-        self._writer = writer(self.path, layouts, attrs, scalars=self.scalar_names,
-                                 sample_tokens=self.sample_tokens, context=self.context, overwrite=self.overwrite)  # fmt: skip
+        resume = {"resume": True, "resume_step": self.resume_step, "config_may_differ": self.config_may_differ} if self.resume else {}
+        self._writer = writer(self.path, layouts, attrs, scalars=self.scalar_names, sample_tokens=self.sample_tokens,
+                              context=self.context, overwrite=self.overwrite, **resume)  # fmt: skip
+        resumed = getattr(self._writer, "resumed_from", None)
+        step, tokens, elapsed = resumed if resumed is not None else (0, 0, 0.0)
+        if self.resume:
+            self.global_step = self.resume_step if self.resume_step is not None else step
         for _, layer in self.layers:
             layer.reset_routing_stats()
             layer.recording = True
             layer.record_eval = self.include_eval
-        self._t0 = time.monotonic()
-        self._tokens_seen = 0
+        self._t0 = time.monotonic() - elapsed
+        self._tokens_seen = tokens
         self._thread = threading.Thread(target=self._write_loop, name="routescope-writer", daemon=True)
         self._thread.start()
         self._arm_traces()
@@ -296,6 +312,21 @@ class Recorder:
             except BaseException as err:  # noqa: BLE001 - any writer failure must reach the trainer
                 self._error = err
 
+    _warned_nonfinite = False  # the writer thread warns about NaN/inf activations once per recorder
+
+    def _warn_nonfinite(self, step: int, groups: dict[str, dict[str, np.ndarray]]) -> None:
+        """Warn (once) naming the layers whose `nonfinite_tokens` is non-zero in this interval; host data only."""
+        bad = []
+        for li, (name, layer) in enumerate(self.layers):
+            rows = groups[layer.family].get("nonfinite_tokens")
+            count = 0 if rows is None else int(np.max(rows[self._family_index[li]], initial=0))  # tree: max over trees
+            if count:
+                bad.append(f"{name} ({count} tokens)")
+        if bad:
+            self._warned_nonfinite = True
+            warnings.warn(f"non-finite activations (NaN/inf) at step {step} in {', '.join(bad)}: counted in "
+                          "nonfinite_tokens and left out of the sums (warned once)", RuntimeWarning, stacklevel=1)  # fmt: skip
+
     def _write(self, item: _Interval) -> None:
         if item.ready is not None:
             item.ready.synchronize()
@@ -325,6 +356,8 @@ class Recorder:
             rows["layer_tokens"] = layer_tokens[mine]
             rows["tokens"] = layer_tokens[mine].max(initial=0)
         scalars.update(tokens_seen=self._tokens_seen, elapsed_s=item.elapsed_s)
+        if not self._warned_nonfinite:
+            self._warn_nonfinite(item.step, groups)
         self._writer.append_interval(item.step, None, scalars, traces, groups=groups)
 
     def _unpack_traces(self, item: _Interval, ints: np.ndarray, floats: np.ndarray, i: int, f: int):

@@ -138,9 +138,25 @@ class RunWriter:
         sample_tokens: int = 0,
         context: int = 32,
         overwrite: bool = False,
+        resume: bool = False,
+        resume_step: int | None = None,
+        config_may_differ: tuple[str, ...] = (),
     ) -> None:
+        from routescope.lock import WriterLock
+
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
+        self._lock = WriterLock(self.path).acquire()  # one writer per file: a second one fails here, at once
+        try:
+            self._init(layers, attrs, scalars, sample_tokens, context, overwrite, resume, resume_step, config_may_differ)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _init(self, layers: list[LayerLayout], attrs: dict[str, Any], scalars: tuple[str, ...], sample_tokens: int,
+              context: int, overwrite: bool, resume: bool, resume_step: int | None,
+              config_may_differ: tuple[str, ...]) -> None:  # fmt: skip
+        """Create the file (or reopen it to resume) while holding the writer lock."""
+        if self.path.exists() and not overwrite and not resume:
             raise RunFileError(f"{self.path} already exists; choose another output path or pass overwrite")
         unknown = sorted({layer.family for layer in layers} - set(FAMILIES))
         if unknown:
@@ -157,6 +173,13 @@ class RunWriter:
             "layer": len(tree_layers), "tree": max((layer.trees for layer in tree_layers), default=0),
             "node": 2**max_depth - 1, "leaf": 2**max_depth, "level": max_depth + 1, "context": context,
         }  # fmt: skip
+        self.sample_tokens = sample_tokens
+        self.sizes = sizes
+        # Where a resumed run continues: (last step, tokens_seen, elapsed_s) of its last complete interval.
+        self.resumed_from: tuple[int, int, float] | None = None
+        if resume:
+            self._reopen(layers, attrs, context, resume_step, config_may_differ)
+            return
         self.file = h5py.File(self.path, "w", libver="latest")
         f = self.file
         f.attrs.update(
@@ -179,12 +202,42 @@ class RunWriter:
             dset = _create_growing(run, name, ("step",), dtype, sizes)
             _attach_dims(run, dset, ("step",))
 
-        self.sample_tokens = sample_tokens
         self.trace_names: tuple[str, ...] = ()
         if sample_tokens > 0 and layers:
             self._create_traces_group(context)
         f.swmr_mode = True  # every dataset exists by now: SWMR forbids creating more
-        self.sizes = sizes
+
+    def _reopen(self, layers: list[LayerLayout], attrs: dict[str, Any], context: int, resume_step: int | None,
+                config_may_differ: tuple[str, ...]) -> None:  # fmt: skip
+        """Resume: check the file records the same layers and settings, cut it to its complete rows, reopen for SWMR writing."""
+        from routescope.repair import clear_open_flags
+
+        p = self.path
+        if not p.exists():
+            raise RunFileError(f"{p}: no such file to resume; record a new run instead")
+        clear_open_flags(p)  # a killed writer left HDF5's open-for-write flags set (a clean file: no-op)
+        f = h5py.File(p, "r+", libver="latest")
+        self.file = f
+        try:
+            _check_same_run(f, p, layers, attrs, self.scalars, config_may_differ)
+            rows = _complete_rows(f, resume_step)
+            _truncate(f, rows)
+            if rows:
+                run = f["run"]
+                self.resumed_from = (int(run["step"][rows - 1]), int(run["tokens_seen"][rows - 1]),
+                                     float(run["elapsed_s"][rows - 1]))  # fmt: skip
+            history = json.loads(f.attrs.get("resumed", "[]"))
+            history.append({"after_step": self.resumed_from[0] if self.resumed_from else 0,
+                            "at": attrs.get("created", "")})  # fmt: skip
+            f.attrs["resumed"] = json.dumps(history)
+            if "config" in attrs:
+                f.attrs["config"] = _attr_value(attrs["config"])  # the new end (steps) of the resumed run
+            f["run_state"][()] = np.int8(0)
+            self.trace_names = tuple(n for n in _trace_variable_names(self.families)) if "traces" in f else ()
+            f.swmr_mode = True
+        except BaseException:
+            f.close()
+            raise
 
     def _create_family_group(self, family: Family, layers: list[LayerLayout], sizes: dict[str, int]) -> None:
         group = self.file.create_group(family.name)
@@ -244,8 +297,12 @@ class RunWriter:
         if row and step <= int(f["run/step"][row - 1]):
             raise ValueError(f"steps must increase: {step} after {int(f['run/step'][row - 1])}")
         for name in self.families:
-            for var in FAMILIES[name].group_variables():
-                _append_row(f[name][var], row, groups[name][var])
+            for var, v in FAMILIES[name].group_variables().items():
+                if var not in f[name]:  # a resumed older file lacks variables added since (`optional`)
+                    continue
+                dset = f[name][var]
+                _append_row(dset, row, groups[name][var] if var in groups[name] or not v.optional
+                            else np.zeros(dset.shape[1:], dset.dtype))  # an optional variable not given: zeros
         for name in f["run"]:
             if name != "step":
                 missing = np.nan if f["run"][name].dtype.kind == "f" else -1
@@ -262,12 +319,95 @@ class RunWriter:
         f.flush()
 
     def close(self, state: str = "finished") -> None:
-        """Record the final run state and close the file (idempotent)."""
-        if not self.file.id.valid:
-            return
-        self.file["run_state"][()] = np.int8(RUN_STATES.index(state))
-        self.file.flush()
-        self.file.close()
+        """Record the final run state, close the file and release the writer lock (idempotent)."""
+        try:
+            if not self.file.id.valid:
+                return
+            self.file["run_state"][()] = np.int8(RUN_STATES.index(state))
+            self.file.flush()
+            self.file.close()
+        finally:
+            self._lock.release()
+
+
+def _trace_variable_names(families: dict[str, list[LayerLayout]]) -> list[str]:
+    """The trace variables a run with these family groups has, in the order the writer creates them."""
+    names = dict.fromkeys(COMMON_TRACES)
+    for name in families:
+        names.update(dict.fromkeys(FAMILIES[name].traces))
+    return list(names)
+
+
+def _first_difference(old: Any, new: Any, ignore: tuple[str, ...], prefix: str = "") -> str | None:
+    """The first dotted key where two JSON values differ (keys in `ignore` skipped), or None."""
+    if prefix.rstrip(".") in ignore:
+        return None
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = _first_difference(old.get(key), new.get(key), ignore, f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{prefix.rstrip('.') or 'value'}: {old!r} in the file, {new!r} now"
+
+
+def _check_same_run(f: h5py.File, p: Path, layers: list[LayerLayout], attrs: dict[str, Any], scalars: tuple[str, ...],
+                    config_may_differ: tuple[str, ...]) -> None:  # fmt: skip
+    """Refuse to resume a run recorded with other layers or settings (one line naming the first difference)."""
+    if "schema_version" not in f.attrs or "run" not in f:
+        raise RunFileError(f"{p} is not a routescope run file; cannot resume it")
+    old_layers = json.loads(f.attrs.get("layers", "[]"))
+    new_layers = [{"name": layer.name, "family": layer.family, **layer.config} for layer in layers]
+    if [d["name"] for d in old_layers] != [d["name"] for d in new_layers]:
+        raise RunFileError(f"cannot resume {p}: its layers are {[d['name'] for d in old_layers]}, "
+                           f"the model's are {[d['name'] for d in new_layers]}")  # fmt: skip
+    for old, new in zip(old_layers, new_layers):
+        diff = _first_difference(json.loads(json.dumps(old)), json.loads(json.dumps(new)), ())
+        if diff:
+            raise RunFileError(f"cannot resume {p}: layer {old['name']} differs ({diff})")
+    for key in ("record_every", "sample_tokens"):
+        if key in attrs and key in f.attrs and int(f.attrs[key]) != int(attrs[key]):
+            raise RunFileError(f"cannot resume {p}: {key} is {int(f.attrs[key])} in the file, {attrs[key]} now")
+    if "config" in attrs and "config" in f.attrs:
+        diff = _first_difference(json.loads(f.attrs["config"]), json.loads(attrs["config"]) if isinstance(attrs["config"], str)
+                                 else json.loads(json.dumps(attrs["config"])), config_may_differ)  # fmt: skip
+        if diff:
+            raise RunFileError(f"cannot resume {p}: its configuration differs ({diff})")
+    expected = set(RUN_FIXED_SCALARS) | set(scalars) | {"step"}
+    if set(f["run"]) != expected:
+        raise RunFileError(f"cannot resume {p}: it records scalars {sorted(set(f['run']) - {'step'})}, "
+                           f"the recorder {sorted(expected - {'step'})}")  # fmt: skip
+
+
+def _step_groups(f: h5py.File) -> list[h5py.Group]:
+    return [f[name] for name in (*FAMILIES, "run") if name in f]
+
+
+def _growing(group: h5py.Group, dim: str) -> list[h5py.Dataset]:
+    return [d for d in group.values() if d.ndim >= 1 and _dims_of(d)[:1] == (dim,)]
+
+
+def _complete_rows(f: h5py.File, resume_step: int | None) -> int:
+    """Intervals every variable of every group has (a kill can leave some one row longer), cut to steps <= resume_step."""
+    rows = min(d.shape[0] for g in _step_groups(f) for d in _growing(g, "step"))
+    if resume_step is not None:
+        rows = int(np.searchsorted(f["run/step"][:rows], resume_step, side="right"))
+    return rows
+
+
+def _truncate(f: h5py.File, rows: int) -> None:
+    """Cut every step-growing variable to `rows`, and the traces to the samples of the kept steps."""
+    for group in _step_groups(f):
+        for dset in _growing(group, "step"):
+            dset.resize(rows, axis=0)
+    if "traces" in f:
+        traces = _growing(f["traces"], "sample")
+        samples = min(d.shape[0] for d in traces)
+        last = int(f["run/step"][rows - 1]) if rows else -1
+        sample_step = f["traces/sample_step"][:samples]
+        samples = int(np.count_nonzero(sample_step <= last)) if len(sample_step) else 0
+        for dset in traces:
+            dset.resize(samples, axis=0)
 
 
 def _group_sizes(layers: list[LayerLayout]) -> dict[str, int]:
@@ -339,7 +479,8 @@ def _check_layout(f: h5py.File, p: Path) -> None:
             f"({SCHEMA_VERSION}); upgrade routescope"
         )
     expected = ["run/step"] + [f"{group}/{name}" for group, family in FAMILIES.items() if group in f
-                               for name in ("step", *family.group_variables())]  # fmt: skip
+                               for name, var in {"step": None, **family.group_variables()}.items()
+                               if var is None or not var.optional]  # fmt: skip
     missing = [name for name in expected if name not in f]
     if missing:
         raise RunFileError(f"{p} has a routescope schema_version but lacks {missing[0]}; it is not a complete run file")

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -17,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from routescope.layers import aux_loss
 from routescope.recorder import Recorder
 from routescope.trainers.data import Corpus
-from routescope.trainers.model import GPT
+from routescope.trainers.model import GPT, GPTConfig
 from routescope.trainers.presets import TrainConfig
 
 LOG_EVERY = 10  # steps between progress-bar loss updates (each one is a host sync)
@@ -55,6 +57,30 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def checkpoint_path(out: str | Path) -> Path:
+    """The training checkpoint written beside a run file: RUN.ckpt.pt for RUN.h5."""
+    return Path(out).with_suffix(".ckpt.pt")
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from its to_dict() form (the `preset` of a run file's `config` attribute)."""
+    return TrainConfig(**{**d, "model": GPTConfig(**d["model"])})
+
+
+def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, step: int,
+                    generator: torch.Generator, val: float, initial_val: float) -> None:  # fmt: skip
+    """Write model, optimizer, step and RNG states atomically (a temp file, then os.replace)."""
+    state = {
+        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "data_rng": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "val_loss": val, "initial_val_loss": initial_val,
+    }  # fmt: skip
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 @torch.no_grad()
 def evaluate(model: GPT, corpus: Corpus, cfg: TrainConfig, device: torch.device) -> float:
     """Mean validation loss over cfg.eval_batches fixed batches (same batches every call)."""
@@ -74,8 +100,14 @@ def train(
     device: str = "auto",
     overwrite: bool = False,
     show_progress: bool = True,
+    checkpoint: bool = False,
+    resume: bool = False,
 ) -> TrainResult:
-    """Train the preset's model on the corpus; record routing to `out` when given."""
+    """Train the preset's model on the corpus; record routing to `out` when given.
+
+    checkpoint: save model, optimizer, step and RNG states to RUN.ckpt.pt at each interval end.
+    resume: continue from that checkpoint, appending to `out` (README, "How resume works").
+    """
     torch.manual_seed(cfg.seed)
     dev = resolve_device(device)
     corpus = Corpus.shakespeare()
@@ -83,23 +115,46 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
     tokens_per_step = cfg.batch_size * cfg.model.seq_len
-    initial_val = evaluate(model, corpus, cfg, dev)
-    val = initial_val
+    ckpt = checkpoint_path(out) if out is not None else None
+    first, state = 1, None
+    if resume:
+        if ckpt is None or not ckpt.exists():
+            raise ValueError(f"cannot resume: no training checkpoint {ckpt} (runs recorded before resume support, "
+                             "or with checkpoints off, cannot continue training)")  # fmt: skip
+        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        if state["step"] >= cfg.steps:
+            raise ValueError(f"cannot resume: the checkpoint is at step {state['step']}, not before the end "
+                             f"({cfg.steps}); pass --steps N with N > {state['step']}")  # fmt: skip
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        first = state["step"] + 1
     recorder = (
         Recorder(model, out, every=cfg.record_every, sample_tokens=cfg.sample_tokens,
-                 config={"preset": cfg.to_dict(), "device": str(dev)}, overwrite=overwrite)  # fmt: skip
+                 config={"preset": cfg.to_dict(), "device": str(dev)}, overwrite=overwrite, resume=resume,
+                 resume_step=first - 1 if resume else None, config_may_differ=("preset.steps", "device"))  # fmt: skip
         if out is not None
         else None
     )
+    if recorder is not None:
+        recorder.start()  # takes the writer lock before any work: a second writer fails at once
     progress = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), disable=not show_progress,
     )  # fmt: skip
     train_loss = float("nan")
     start = time.perf_counter()
-    with recorder if recorder is not None else contextlib.nullcontext() as rec, progress:
-        task = progress.add_task("train", total=cfg.steps, info=f"val {initial_val:.3f}")
-        for step in range(1, cfg.steps + 1):
+    with _started(recorder) as rec, progress:
+        if state is None:
+            initial_val = evaluate(model, corpus, cfg, dev)
+            val = initial_val
+        else:
+            initial_val, val = state["initial_val_loss"], state["val_loss"]
+        task = progress.add_task("train", total=cfg.steps, info=f"val {initial_val:.3f}", completed=first - 1)
+        for step in range(first, cfg.steps + 1):
             lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -117,13 +172,30 @@ def train(
                     rec.log(val_loss=val)
             if rec is not None:
                 rec.step(loss=loss, token_ids=x, lr=lr)
+            if checkpoint and ckpt is not None and (step % cfg.record_every == 0 or step == cfg.steps):
+                save_checkpoint(ckpt, model, optimizer, step, generator, val, initial_val)
             if step % LOG_EVERY == 0 or step == cfg.steps:
                 train_loss = loss.item()
-                rate = step * tokens_per_step / (time.perf_counter() - start)
+                rate = (step - first + 1) * tokens_per_step / (time.perf_counter() - start)
                 info = f"loss {train_loss:.3f} · val {val:.3f} · {rate / 1000:.1f}k tok/s"
                 progress.update(task, completed=step, info=info)
             else:
                 progress.update(task, completed=step)
     seconds = time.perf_counter() - start
-    return TrainResult(cfg.steps, cfg.steps * tokens_per_step, seconds, initial_val, val, train_loss,
+    trained = cfg.steps - first + 1
+    return TrainResult(trained, trained * tokens_per_step, seconds, initial_val, val, train_loss,
                        Path(out) if out is not None else None)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _started(recorder: Recorder | None):  # type: ignore[no-untyped-def]
+    """A started recorder as a context (closed as interrupted/failed on an exception), or None."""
+    if recorder is None:
+        yield None
+        return
+    try:
+        yield recorder
+    except BaseException as err:
+        recorder.close("interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+        raise
+    recorder.close("finished")
