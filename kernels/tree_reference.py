@@ -150,13 +150,21 @@ def new_tree_stats(trees: int, depth: int, device: torch.device | str | None = N
         width = nodes if name.startswith("node_") else leaves
         dtype = torch.int64 if name in COUNT_STATS else torch.float64
         stats[name] = torch.zeros((trees, width), dtype=dtype, device=device)
+    stats["nonfinite_tokens"] = torch.zeros(trees, dtype=torch.int64, device=device)
     return stats
 
 
 @torch.no_grad()
 def accumulate_tree_stats(stats: Mapping[str, Tensor], routing: TreeRouting, depth: int) -> None:
-    """Add one batch's routing to the accumulators in place (no host sync; compile-friendly)."""
+    """Add one batch's routing to the accumulators in place (no host sync; compile-friendly).
+
+    Non-finite z (NaN/inf) is left out of the sums and counted per tree in `nonfinite_tokens` (tokens
+    with any non-finite z on their path); the counts still count the token where it was routed.
+    """
     path, z, fired = routing.path, routing.z.detach().to(torch.float64), routing.fired
+    finite = torch.isfinite(z)  # (n, T, d+1)
+    stats["nonfinite_tokens"].add_((~finite).any(-1).sum(0))
+    z = torch.where(finite, z, 0.0)
     n, trees = path.shape[:2]
     nodes = 2**depth - 1
     tree = torch.arange(trees, device=path.device).view(1, trees, 1)  # (1, T, 1)

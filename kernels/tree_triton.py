@@ -15,7 +15,9 @@ Forward, two launches:
 
 With `stats=`, both launches add the DESIGN.md per-node counts and sums of the batch into the layer's
 int64 / float64 accumulators, reduced over the block first (one atomic per unit and block): no
-second pass. By-products: the leaf per token and tree and z along the path (the backward reuses them).
+second pass. Non-finite z (NaN/inf) stays out of the sums; the subtree launch counts, per tree, the
+tokens with a non-finite z anywhere on their path (top levels read back from z) with one atomic per
+block. Counts still count such a token where it went: NaN > 0 is false, so a NaN z routes left. By-products: the leaf per token and tree and z along the path (the backward reuses them).
 
 Backward, one launch in the forward's grouping (`_subtree_bwd_kernel`): per block, dz on the path
 and dx = dZ·W (dense dots again), and the block's sums du += Aᵀ·dy, dw += dZᵀ·x, db += Σ dz, added
@@ -46,7 +48,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Statistic buffers the forward kernels add into, in the order of their pointer arguments.
 FORWARD_STATS = (
     "tokens", "node_visits", "node_right", "node_fires", "node_act_sum", "node_act_sqsum",
-    "leaf_visits", "leaf_fires", "leaf_act_sum", "leaf_act_sqsum",
+    "leaf_visits", "leaf_fires", "leaf_act_sum", "leaf_act_sqsum", "nonfinite_tokens",
 )  # fmt: skip
 
 
@@ -221,11 +223,17 @@ if triton is not None:
         return rows, valid, root, tl.sum(valid.to(tl.int32), axis=0) > 0
 
     @triton.jit
+    def _finite(z):
+        """True where z is neither NaN nor ±inf."""
+        return (z == z) & (tl.abs(z) <= 3.4028234663852886e38)  # NaN != NaN; |inf| > the largest float32
+
+    @triton.jit
     def _add_unit_stats(
         zs, hit, cols, is_node, stat_node, stat_leaf, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr,
         lv_ptr, lf_ptr, las_ptr, laq_ptr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr,
     ):  # fmt: skip
-        """Per-unit counts and sums over a block (hit: tokens × units on the path), one atomic each."""
+        """Per-unit counts and sums over a block (hit: tokens × units on the path), one atomic each;
+        the sums leave out non-finite z (NaN, inf), the counts do not."""
         if PLACE_OUT:
             fired = zs != 0.0
         else:
@@ -233,7 +241,7 @@ if triton is not None:
         visits = tl.sum(hit.to(tl.int32), axis=0)
         right = tl.sum((hit & (zs > 0.0)).to(tl.int32), axis=0).to(tl.int64)
         fires = tl.sum((hit & fired).to(tl.int32), axis=0).to(tl.int64)
-        zhit = tl.where(hit, zs, 0.0)
+        zhit = tl.where(hit & _finite(zs), zs, 0.0)
         zsum = tl.sum(zhit, axis=0).to(tl.float64)
         zsq = tl.sum(zhit * zhit, axis=0).to(tl.float64)
         node = cols & is_node & (visits > 0)
@@ -309,7 +317,7 @@ if triton is not None:
     @triton.jit
     def _subtree_kernel(
         x_ptr, w_ptr, b_ptr, u_ptr, y_ptr, s_ptr, leaf_ptr, z_ptr, perm_ptr, cnt_ptr,
-        tok_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr,
+        tok_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr, bad_ptr,
         n, D, O, T,
         DEPTH: tl.constexpr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
         RECORD: tl.constexpr, SAVE_S: tl.constexpr, Y_ATOMIC: tl.constexpr, SPLIT_A: tl.constexpr,
@@ -360,6 +368,14 @@ if triton is not None:
                 zs, hit, cols, lev < SUBL - 1, t * NNODE + heap, t * (NNODE + 1) + heap - NNODE,
                 nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr, ACT, PLACE_OUT,
             )  # fmt: skip
+            # tokens of the block with a non-finite z on their path: subtree levels here, top levels from z
+            bad = tl.sum((hit & ~_finite(zs)).to(tl.int32), axis=1) > 0
+            tcol_b = tl.arange(0, TOPW)
+            ztop_b = tl.load(zrow[:, None] + tcol_b[None, :], mask=valid[:, None] & (tcol_b[None, :] < TOP), other=0.0)
+            bad = valid & (bad | (tl.sum((~_finite(ztop_b)).to(tl.int32), axis=1) > 0))
+            nbad = tl.sum(bad.to(tl.int64), axis=0)
+            nbad1 = tl.zeros((1,), dtype=tl.int64) + nbad
+            tl.atomic_add(bad_ptr + t + tl.arange(0, 1), nbad1, mask=nbad1 > 0, sem="relaxed")
         CDT = x_ptr.dtype.element_ty
         a = tl.where(hit, _unit_out(zs, ACT, PLACE_OUT), 0.0)
         a_hi = a.to(CDT)

@@ -2,7 +2,9 @@
 
 The JSON keys are a public contract (DESIGN.md): {"schema_version", "window", "layers": [{"layer",
 "family", "depth", "trees", <metric names>}]}. Layers of the L1 and MoE families carry their own
-metric keys (metrics_families.py) and null depth and trees.
+metric keys (metrics_families.py) and null depth and trees. Every entry also has "nonfinite_tokens":
+tokens with NaN/inf activations in the window (tree layers: the most over their trees), null for
+files written before that variable existed; the table prints a warning line per such layer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from routescope import metrics
 from routescope.metrics_families import FAMILY_VECTORS, L1_METRICS, MOE_METRICS, select_family_layers, summarize_family
@@ -86,6 +89,7 @@ def _choose_layers(datasets: dict[str, Any], layers: list[int] | None) -> dict[s
 
 def _tree_rows(f: Any, ds: Any, window: tuple[int | None, int | None], layers: list[int] | None) -> tuple[Any, list]:
     summary = metrics.summarize(ds, window, layers)
+    bad = _nonfinite_totals(ds, window)
     mi = metrics.mutual_information(group_dataset(f, "traces"), window) if "traces" in f and "leaf" in f["traces"] else None
     rows = []
     for row, info in enumerate(metrics.select_layers(ds, layers)):
@@ -94,6 +98,7 @@ def _tree_rows(f: Any, ds: Any, window: tuple[int | None, int | None], layers: l
         for name in metrics.TREE_METRICS:
             entry[name] = _number(summary[name].values[row])
         entry["mutual_information"] = _number(mi.values[info.index]) if mi is not None else None
+        entry["nonfinite_tokens"] = None if bad is None else bad[info.index]
         rows.append(entry)
     return summary, rows
 
@@ -101,6 +106,7 @@ def _tree_rows(f: Any, ds: Any, window: tuple[int | None, int | None], layers: l
 def _family_rows(ds: Any, family: str, window: tuple[int | None, int | None], layers: list[int] | None) -> tuple[Any, list]:
     summary = summarize_family(ds, family, window, layers)
     vector, _ = FAMILY_VECTORS[family]
+    bad = _nonfinite_totals(ds, window)
     rows = []
     for row, info in enumerate(select_family_layers(ds, family, layers)):
         entry: dict[str, Any] = {"layer": info.index, "name": info.name, "family": family, "depth": None, "trees": None}
@@ -108,8 +114,25 @@ def _family_rows(ds: Any, family: str, window: tuple[int | None, int | None], la
         for name in FAMILY_KEYS[family]:
             entry[name] = _number(summary[name].values[row])
         entry[vector] = [_number(v) for v in summary[vector].values[row, : info.width]]
+        entry["nonfinite_tokens"] = None if bad is None else bad[info.index]
         rows.append(entry)
     return summary, rows
+
+
+def _nonfinite_totals(ds: Any, window: tuple[int | None, int | None]) -> list[int] | None:
+    """Per layer, tokens with NaN/inf activations over the window (tree: max over trees); None for older files."""
+    if "nonfinite_tokens" not in ds:
+        return None
+    totals = np.asarray(metrics.select_window(ds, window)["nonfinite_tokens"].sum("step").values)
+    return [int(v.max(initial=0)) for v in totals.reshape(totals.shape[0], -1)]
+
+
+def nonfinite_warnings(report: dict[str, Any]) -> list[str]:
+    """One line per layer of the report whose window saw tokens with NaN/inf activations."""
+    w = report["window"]
+    return [f"warning: {layer['family']} layer {layer['layer']} ({layer['name']}): {layer['nonfinite_tokens']} tokens "
+            f"with NaN/inf activations in steps {w['first_step']}–{w['last_step']} (left out of the sums)"
+            for layer in report["layers"] if layer.get("nonfinite_tokens")]  # fmt: skip
 
 
 def _events(ds: Any) -> dict[str, Any]:
@@ -179,7 +202,8 @@ def report_table(report: dict[str, Any]) -> Group:
             name = [layer["name"]] if family != "tree" else []
             table.add_row(str(layer["layer"]), *name, _shape(layer), *(_fmt(layer[k]) for k, _ in columns))
         tables.append(table)
-    return Group(*tables)
+    warnings = [Text(line, style="bold red") for line in nonfinite_warnings(report)]
+    return Group(*tables, *warnings)
 
 
 def compare_table(reports: list[dict[str, Any]]) -> Table:

@@ -22,6 +22,7 @@ class Variable:
     dims: tuple[str, ...]
     dtype: str
     meaning: str
+    optional: bool = False  # added after schema 1's first files: older files may lack it (read as absent)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ TREE = Family(
         "leaf_fires": Variable(_LEAF, "i8", "non-zero outputs of leaf j's units, summed over tokens"),
         "leaf_act_sum": Variable(_LEAF, "f8", "sum of the leaf's z (leaf MLP: mean over its units)"),
         "leaf_act_sqsum": Variable(_LEAF, "f8", "sum of the square of the same"),
+        "nonfinite_tokens": Variable(("step", "layer", "tree"), "i8",
+                                     "tokens with a NaN/inf z on their path in tree t (left out of the sums)", True),
     },
     layer_vars={"layer_depth": ("depth", "i4", "tree depth d"), "layer_trees": ("trees", "i4", "trees T")},
     traces={
@@ -98,6 +101,7 @@ L1 = Family(
         "active_sum": Variable(("step", "layer"), "i8", "sum over tokens of the number of non-zero hidden units"),
         "active_hist": Variable(("step", "layer", "bin"), "i8",
                                 "tokens whose active-unit count lies in [bin, next bin) (bin_edges attribute)"),
+        "nonfinite_tokens": Variable(("step", "layer"), "i8", "tokens with a NaN/inf gate or hidden activation", True),
     },  # fmt: skip
     layer_vars={"layer_units": ("d_hidden", "i4", "hidden units of the layer")},
     traces={"l1_active": Variable(("sample", "l1_layer"), "i4", "non-zero hidden units of the sampled token")},
@@ -115,6 +119,8 @@ MOE = Family(
                              "tokens that selected both experts (before drops); the diagonal: tokens that selected e"),
         "router_entropy_sum": Variable(("step", "layer"), "f8", "sum over tokens of the router softmax's entropy (bits)"),
         "router_prob_sum": Variable(_EXPERT, "f8", "sum over tokens of the router's softmax probability of e"),
+        "nonfinite_tokens": Variable(("step", "layer"), "i8",
+                                     "tokens with a NaN/inf router logit (left out of the router sums)", True),
     },  # fmt: skip
     layer_vars={
         "layer_experts": ("experts", "i4", "experts E"),

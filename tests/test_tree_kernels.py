@@ -114,6 +114,46 @@ def test_counts_accumulate_across_calls_and_only_when_recording(seed: int) -> No
         assert torch.equal(stats[name], expected[name]), f"{name} (seed {seed})"
 
 
+def test_nonfinite_z_is_counted_per_tree_and_kept_out_of_the_sums(seed: int) -> None:
+    """NaN/inf inputs: counted once per token and tree, sums equal the finite tokens' sums; a NaN or inf
+    bias deep in the tree (subtree launch) or at a top node (route-top launch) flags only its visitors."""
+    depth, trees, n, d_in = 4, 2, 45, 20
+    config = tt.KernelConfig(block_m=16, block_k=16, block_o=16, sub_levels=2, num_warps=1, num_stages=1)  # TOP = 3
+    w, b, u = (p.detach() for p in make_params(trees, depth, d_in, 12, True))
+    x = torch.randn(n, d_in, device=DEVICE)
+    bad_rows = torch.tensor([3, 17, 18, 40])
+    x[bad_rows[:3]] = float("nan")
+    x[bad_rows[3], 5] = float("inf")
+    stats = new_tree_stats(trees, depth, device=DEVICE)
+    tt.tree_forward(x, w, b, u, depth, stats=stats, config=config)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[bad_rows] = False
+    expected = new_tree_stats(trees, depth, device=DEVICE)
+    accumulate_tree_stats(expected, neuron_forward(x[keep], w, b, u, depth)[1], depth)
+    msg = f"seed {seed}"
+    assert stats["nonfinite_tokens"].tolist() == [4, 4], msg
+    for name in ("node_act_sum", "node_act_sqsum", "leaf_act_sum", "leaf_act_sqsum"):
+        assert torch.isfinite(stats[name]).all(), f"{name} ({msg})"
+        torch.testing.assert_close(stats[name], expected[name], rtol=1e-5, atol=1e-5, msg=f"{name} ({msg})")
+    assert int(stats["node_visits"][:, 0].sum()) == 2 * n, msg  # bad tokens are still routed and counted
+    # Non-finite biases: node 1 (top level 1: inf, routes right) and node 9 (level 3, in a subtree: NaN)
+    x = torch.randn(n, d_in, device=DEVICE)
+    b = b.clone()
+    b[0, 1], b[1, 9] = float("inf"), float("nan")
+    stats = new_tree_stats(trees, depth, device=DEVICE)
+    tt.tree_forward(x, w, b, u, depth, stats=stats, config=config)
+    routing = neuron_forward(x, w, b, u, depth)[1]
+    expected = new_tree_stats(trees, depth, device=DEVICE)
+    accumulate_tree_stats(expected, routing, depth)
+    through = [int((routing.path[:, 0] == 1).any(-1).sum()), int((routing.path[:, 1] == 9).any(-1).sum())]
+    assert stats["nonfinite_tokens"].tolist() == through == expected["nonfinite_tokens"].tolist(), msg
+    for name, value in expected.items():
+        if value.dtype == torch.int64:
+            assert torch.equal(stats[name], value), f"{name} ({msg})"
+        else:
+            torch.testing.assert_close(stats[name], value, rtol=1e-5, atol=1e-5, msg=f"{name} ({msg})")
+
+
 def test_half_precision_inputs_and_fp32_weights(seed: int) -> None:
     """fp16 activations with fp32 weights (the autocast case): fp32 accumulation keeps errors at fp16 level."""
     n, d_in, d_out, depth = 40, 32, 24, 4

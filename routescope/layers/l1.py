@@ -66,6 +66,7 @@ class L1SparseFFN(nn.Module):
         self.register_buffer("unit_fires", torch.zeros(d_hidden, dtype=torch.int64), persistent=False)
         self.register_buffer("active_sum", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("active_hist", torch.zeros(len(edges) - 1, dtype=torch.int64), persistent=False)
+        self.register_buffer("nonfinite_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
         self.recording = False  # set by the recorder; accumulate in forward while True
         self.record_eval = False  # also accumulate in eval mode (off: validation passes stay out)
         self.trace_next = False  # keep the next forward's per-token active counts in `last_trace`
@@ -82,8 +83,13 @@ class L1SparseFFN(nn.Module):
 
     def hidden(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (n, d_in) -> (gate g (n, d_hidden), hidden h (n, d_hidden)); g >= 0 and h = 0 where g = 0."""
-        g = F.relu(self.gate(x))
-        return g, (g * self.up(x) if self.up is not None else g)
+        return self._hidden(x)[1:]
+
+    def _hidden(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (n, d_in) -> (gate pre-activation, g, h), each (n, d_hidden)."""
+        pre = self.gate(x)
+        g = F.relu(pre)
+        return pre, g, (g * self.up(x) if self.up is not None else g)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., d_in) -> y (..., d_out); updates the accumulators when recording."""
@@ -91,15 +97,20 @@ class L1SparseFFN(nn.Module):
         if x.shape[-1] != s.d_in:
             raise ValueError(f"L1SparseFFN expects inputs of shape (..., {s.d_in}), got {tuple(x.shape)}")
         leading = x.shape[:-1]
-        g, h = self.hidden(x.reshape(-1, s.d_in))
+        pre, g, h = self._hidden(x.reshape(-1, s.d_in))
         self._gate_l1 = g.abs().mean() if g.numel() else g.sum()
         if self.recording and (self.training or self.record_eval):
-            self._accumulate(g.detach())
+            self._accumulate(g.detach(), ~(torch.isfinite(pre.detach()) & torch.isfinite(h.detach())).any(-1))
         return self.down(h).reshape(*leading, s.d_out)
 
     @torch.no_grad()
-    def _accumulate(self, g: Tensor) -> None:
-        """Add one batch's firing pattern to the accumulators in place (no host sync)."""
+    def _accumulate(self, g: Tensor, nonfinite: Tensor) -> None:
+        """Add one batch's firing pattern to the accumulators in place (no host sync).
+
+        nonfinite (n,) bool: tokens with a NaN/inf gate pre-activation or hidden activation, counted in
+        `nonfinite_tokens`; a NaN gate does not fire (NaN > 0 is false), an inf one does.
+        """
+        self.nonfinite_tokens.add_(nonfinite.sum())
         fired = g > 0  # (n, H)
         active = fired.sum(-1)  # (n,) int64 units that fired per token
         self.tokens.add_(g.shape[0])
@@ -122,7 +133,8 @@ class L1SparseFFN(nn.Module):
 
     def routing_stats(self) -> dict[str, Tensor]:
         """The accumulator buffers by run-file variable name (`tokens`, `unit_fires`, ...)."""
-        return {name: getattr(self, name) for name in ("tokens", "unit_fires", "active_sum", "active_hist")}
+        names = ("tokens", "unit_fires", "active_sum", "active_hist", "nonfinite_tokens")
+        return {name: getattr(self, name) for name in names}
 
     def reset_routing_stats(self) -> None:
         """Zero the accumulators in place (keeps buffer identity, so compiled graphs stay valid)."""

@@ -99,6 +99,7 @@ class TopKMoE(nn.Module):
         self.register_buffer("coselect", torch.zeros(experts, experts, dtype=torch.int64), persistent=False)
         self.register_buffer("router_entropy_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("router_prob_sum", torch.zeros(experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("nonfinite_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
         self.recording = False  # set by the recorder; accumulate in forward while True
         self.record_eval = False  # also accumulate in eval mode (off: validation passes stay out)
         self.trace_next = False  # keep the next forward's choices in `last_trace`
@@ -131,12 +132,16 @@ class TopKMoE(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x (n, d_in) -> router probabilities (n, E) float32, chosen experts (n, k), their weights (n, k)
         and kept (n, k) bool (False where dropped over capacity)."""
+        return self._route(self.router(x))
+
+    def _route(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`route` from the router's logits (n, E)."""
         s = self.spec
-        probs = self.router(x).float().softmax(-1)
+        probs = logits.float().softmax(-1)
         weights, chosen = probs.topk(s.k, dim=-1)  # best first
         if s.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
-        cap = self.capacity(x.shape[0])
+        cap = self.capacity(logits.shape[0])
         if cap is None:
             return probs, chosen, weights, torch.ones_like(chosen, dtype=torch.bool)
         rank_major = F.one_hot(chosen.t().reshape(-1), s.experts)  # (k*n, E): rank 0 of all tokens first
@@ -151,7 +156,8 @@ class TopKMoE(nn.Module):
             raise ValueError(f"TopKMoE expects inputs of shape (..., {s.d_in}), got {tuple(x.shape)}")
         leading = x.shape[:-1]
         flat = x.reshape(-1, s.d_in)
-        probs, chosen, weights, kept = self.route(flat)
+        logits = self.router(flat)
+        probs, chosen, weights, kept = self._route(logits)
         act = ACTIVATIONS[s.activation]
         dtype = torch.promote_types(flat.dtype, self.w1.dtype)  # under autocast: bf16 expert outputs add up in fp32
         y = torch.zeros(flat.shape[0], s.d_out, dtype=dtype, device=x.device)
@@ -167,13 +173,19 @@ class TopKMoE(nn.Module):
         share = F.one_hot(chosen, s.experts).sum(1).float().mean(0) / s.k  # f_e: no gradient, as in Switch
         self._balance = s.experts * (share * probs.mean(0)).sum()
         if self.recording and (self.training or self.record_eval):
-            self._accumulate(probs.detach(), chosen, weights.detach(), kept)
+            self._accumulate(probs.detach(), chosen, weights.detach(), kept, torch.isfinite(logits.detach()).all(-1))
         return y.to(x.dtype).reshape(*leading, s.d_out)
 
     @torch.no_grad()
-    def _accumulate(self, probs: Tensor, chosen: Tensor, weights: Tensor, kept: Tensor) -> None:
-        """Add one batch's routing to the accumulators in place (no host sync)."""
+    def _accumulate(self, probs: Tensor, chosen: Tensor, weights: Tensor, kept: Tensor, finite: Tensor) -> None:
+        """Add one batch's routing to the accumulators in place (no host sync).
+
+        Tokens with a NaN/inf router logit (finite[i] False) are counted in `nonfinite_tokens` and left
+        out of the router sums; the selection counts still count them where topk put them.
+        """
         n, k, experts = chosen.shape[0], self.spec.k, self.spec.experts
+        self.nonfinite_tokens.add_((~finite).sum())
+        probs = torch.where(finite[:, None], probs, 0.0)  # also zeroes the entropy of those tokens
         self.tokens.add_(n)
         self.expert_tokens.index_add_(0, chosen.reshape(-1), kept.reshape(-1).long())
         self.dropped_tokens.add_(n * k - kept.sum())
@@ -195,7 +207,8 @@ class TopKMoE(nn.Module):
 
     def routing_stats(self) -> dict[str, Tensor]:
         """The accumulator buffers by run-file variable name (`tokens`, `expert_tokens`, ...)."""
-        names = ("tokens", "expert_tokens", "dropped_tokens", "coselect", "router_entropy_sum", "router_prob_sum")
+        names = ("tokens", "expert_tokens", "dropped_tokens", "coselect", "router_entropy_sum", "router_prob_sum",
+                 "nonfinite_tokens")
         return {name: getattr(self, name) for name in names}
 
     def reset_routing_stats(self) -> None:
