@@ -22,7 +22,9 @@ from conftest import check_tree_invariants, open_plain
 def synthetic_rows(rng: np.random.Generator, layers: list[LayerLayout], sizes: dict[str, int]) -> dict[str, np.ndarray]:
     """One interval of random values, padded the way the recorder pads layers of different shapes."""
     shape = (len(layers), sizes["tree"])
-    row = {name: rng.integers(0, 100, shape + (sizes[name.split("_")[0]],)) for name in TREE_VARIABLES if "_" in name}
+    row = {name: rng.integers(0, 100, shape + (sizes[name.split("_")[0]],)) for name in TREE_VARIABLES
+           if name.split("_")[0] in ("node", "leaf")}  # fmt: skip
+    row["nonfinite_tokens"] = rng.integers(0, 3, shape)
     for name in ("node_act_sum", "node_act_sqsum", "leaf_act_sum", "leaf_act_sqsum"):
         row[name] = rng.normal(size=row[name].shape)
     row["tokens"] = np.int64(rng.integers(1, 1000))
