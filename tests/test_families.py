@@ -17,7 +17,7 @@ from torch import nn
 import routescope
 from routescope import Recorder, TreeFFN
 from routescope.layers import L1SparseFFN, TopKMoE, aux_loss, find_routed_layers
-from routescope.schema import active_bin_edges
+from routescope.schema import TREE, active_bin_edges
 
 from conftest import check_tree_invariants
 
@@ -314,7 +314,9 @@ TRACES_BEFORE = {"sample", "layer", "tree", "level", "context", "sample_step", "
 def test_tree_only_files_keep_their_layout(debug_run: Path) -> None:
     with h5py.File(debug_run, "r") as f:
         assert set(f) == {"tree", "run", "traces", "run_state"}
-        assert set(f["tree"]) == TREE_GROUP_BEFORE and set(f["traces"]) == TRACES_BEFORE
+        added = {name for name, var in TREE.stats.items() if var.optional}  # variables added since: allowed
+        assert set(f["tree"]) == TREE_GROUP_BEFORE | added and set(f["traces"]) == TRACES_BEFORE
+        assert added == {"nonfinite_tokens"}
         assert f.attrs["schema_version"] == 1
         assert f["tree/node_visits"].dims[3][0].name == "/tree/node"
 
