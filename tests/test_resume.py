@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -21,6 +22,8 @@ from routescope import Recorder
 from routescope.layers import TreeFFN
 from routescope.lock import RunLockedError, lock_path
 from routescope.store import RunFileError, describe
+from routescope.trainers.presets import get_preset
+from routescope.trainers.train import config_from_dict, train
 
 DEBUG = ("--config", "debug", "--device", "cpu")
 
@@ -54,6 +57,12 @@ def check_resumed(path: Path, kept: int, new: int) -> np.ndarray:
     assert np.all(np.diff(steps) > 0)
     assert not lock_path(path).exists()
     return steps
+
+
+def resume_in_process(path: Path, steps: int) -> None:
+    """What `routescope record --resume PATH --steps N` runs, in this process (saves a CLI start-up)."""
+    cfg = replace(config_from_dict(describe(path)["config"]["preset"]), steps=steps)
+    train(cfg, out=path, device="cpu", show_progress=False, checkpoint=True, resume=True)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +109,7 @@ def test_resume_after_signal(tmp_path: Path, sig: int) -> None:
     at = ckpt_step(path)
     kept = int(np.count_nonzero(steps_of(path) <= at))
     assert kept >= 1
-    result = run_cli("record", "--resume", str(path), "--steps", str(at + 6), "--device", "cpu")
-    assert result.returncode == 0, result.stderr
+    resume_in_process(path, at + 6)
     steps = check_resumed(path, kept, 3)
     assert steps[-3:].tolist() == [at + 2, at + 4, at + 6]
 
@@ -117,8 +125,7 @@ def test_resume_truncates_uneven_rows(finished: Path, tmp_path: Path) -> None:
     with pytest.raises(RunFileError, match="layers"):  # another model: refused, the file untouched
         Recorder(model, path, every=5, sample_tokens=16, resume=True).start()
     assert not lock_path(path).exists()
-    result = run_cli("record", "--resume", str(path), "--steps", "20", "--device", "cpu")
-    assert result.returncode == 0, result.stderr
+    resume_in_process(path, 20)
     assert check_resumed(path, 3, 1).tolist() == [5, 10, 15, 20]
 
 
@@ -127,12 +134,15 @@ def test_resume_refuses_other_config(finished: Path, tmp_path: Path) -> None:
     before = path.read_bytes()
     assert_one_line_error(run_cli("record", "--resume", str(path), "--steps", "30", "--every", "3", "--device", "cpu"),
                           "record_every", "5", "3")  # fmt: skip
-    assert_one_line_error(run_cli("record", "--resume", str(path), "--steps", "30", "--seed", "7", "--device", "cpu"),
-                          "preset.seed")  # fmt: skip
-    assert path.read_bytes() == before
+    # The rest in-process (what the CLI turns into one line): a training config differing beyond `steps`.
+    with pytest.raises(RunFileError, match=r"preset\.seed: 0 in the file, 7 now"):
+        train(get_preset("debug", steps=30, seed=7), out=path, device="cpu", show_progress=False, resume=True)
+    assert path.read_bytes() == before and not lock_path(path).exists()
     path.with_suffix(".ckpt.pt").unlink()
-    assert_one_line_error(run_cli("record", "--resume", str(path), "--steps", "30", "--device", "cpu"), "checkpoint")
-    assert_one_line_error(run_cli("record", "--resume", str(tmp_path / "none.h5"), "--device", "cpu"), "no such file")
+    with pytest.raises(ValueError, match="no training checkpoint"):
+        train(get_preset("debug", steps=30), out=path, device="cpu", show_progress=False, resume=True)
+    with pytest.raises(RunFileError, match="no such file"):
+        Recorder(torch.nn.Sequential(TreeFFN(8, 8, depth=2)), tmp_path / "none.h5", resume=True).start()
 
 
 HOLDER = textwrap.dedent("""
