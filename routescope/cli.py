@@ -89,7 +89,7 @@ def record(
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # SIGTERM closes the file as Ctrl-C does
     what = "resume" if resume is not None else "record"
-    console.print(f"[bold]routescope {what}[/] {name or 'run'}: {cfg.steps} steps, interval {cfg.record_every} → {out}")
+    console.print(f"[bold]routescope {what}[/] {name or cfg.description or 'run'}: {cfg.steps} steps, interval {cfg.record_every} → {out}")
     try:
         result = train(cfg, out=out, device=device, overwrite=overwrite, checkpoint=True, resume=resume is not None)
     except KeyboardInterrupt:

@@ -77,8 +77,11 @@ def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, st
         "val_loss": val, "initial_val_loss": initial_val,
     }  # fmt: skip
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when interrupted mid-save
 
 
 @torch.no_grad()
