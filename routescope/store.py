@@ -216,7 +216,10 @@ class RunWriter:
         if not p.exists():
             raise RunFileError(f"{p}: no such file to resume; record a new run instead")
         clear_open_flags(p)  # a killed writer left HDF5's open-for-write flags set (a clean file: no-op)
-        f = h5py.File(p, "r+", libver="latest")
+        try:
+            f = h5py.File(p, "r+", libver="latest")
+        except OSError as err:  # e.g. HDF5's own lock, held by a plain (non-SWMR) reader
+            raise RunFileError(f"cannot reopen {p} to resume it ({_first_line(err)}); close the programs reading it") from None
         self.file = f
         try:
             _check_same_run(f, p, layers, attrs, self.scalars, config_may_differ)
