@@ -376,6 +376,11 @@ def _check_same_run(f: h5py.File, p: Path, layers: list[LayerLayout], attrs: dic
                                  else json.loads(json.dumps(attrs["config"])), config_may_differ)  # fmt: skip
         if diff:
             raise RunFileError(f"cannot resume {p}: its configuration differs ({diff})")
+    for layer in layers:  # a file from a routescope whose schema lacked a variable this one writes
+        missing = [v for v in FAMILIES[layer.family].group_variables() if f"{layer.family}/{v}" not in f]
+        if missing:
+            raise RunFileError(f"cannot resume {p}: it has no {layer.family}/{missing[0]} (recorded by an older "
+                               "routescope); record a new run")  # fmt: skip
     expected = set(RUN_FIXED_SCALARS) | set(scalars) | {"step"}
     if set(f["run"]) != expected:
         raise RunFileError(f"cannot resume {p}: it records scalars {sorted(set(f['run']) - {'step'})}, "
