@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 import routescope
 from routescope import Recorder, TreeFFN
+from routescope.kernels import tree_triton
 from routescope.layers import L1SparseFFN, TopKMoE
 from routescope.report import build_report
 
@@ -60,6 +61,24 @@ def test_tree_counts_bad_tokens_per_tree_and_sums_only_finite_ones(variant: str)
     # every token is still routed and counted: NaN > 0 is false, so the NaN rows go left at every node
     assert got["node_visits"][:, 0].tolist() == [16, 16] and got["leaf_visits"].sum(-1).tolist() == [16, 16]
     assert (got["leaf_visits"][:, 0] - clean["leaf_visits"][:, 0] >= len(BAD)).all()
+
+
+@pytest.mark.skipif(not tree_triton.available(), reason="triton is not installed")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN in the interpreter's numpy
+def test_tree_triton_backend_counts_like_the_reference() -> None:
+    """The layer on the Triton kernels (CPU interpreter without a GPU) records what the reference records."""
+    torch.manual_seed(2)
+    ref = TreeFFN(D, 5, depth=4, trees=2)
+    fast = copy.deepcopy(ref)
+    fast.backend = "triton"
+    x = poisoned(n=40)
+    got, expected = fed(fast, x), fed(ref, x)
+    assert got["nonfinite_tokens"].tolist() == expected["nonfinite_tokens"].tolist() == [len(BAD) + 1] * 2
+    for name, value in expected.items():
+        if value.dtype == torch.int64:
+            assert torch.equal(got[name], value), name
+        else:
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_l1_and_moe_count_bad_tokens_and_keep_router_sums_finite() -> None:
