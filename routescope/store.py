@@ -9,6 +9,7 @@ so a reader (or a crash) never sees a row whose coordinate exists and whose data
 from __future__ import annotations
 
 import functools
+import gc
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -543,6 +544,13 @@ def group_dataset(f: h5py.File, group: str = "tree"):
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
+def _release_handles() -> None:
+    """Finalize the HDF5 objects a failed read left in reference cycles, here and now: left to a later
+    garbage collection, their close can run inside another thread's h5py call (the recorder's writer)
+    and deadlock there (seen in the test suite after reading damaged files)."""
+    gc.collect()
+
+
 def reads_run_file(*passthrough: type[BaseException]) -> Callable[[F], F]:
     """Decorator for functions whose first argument is a run file: any failure while reading it
     (a damaged file makes h5py, json or numpy fail in many ways) becomes one RunFileError line.
@@ -554,8 +562,10 @@ def reads_run_file(*passthrough: type[BaseException]) -> Callable[[F], F]:
             try:
                 return fn(path, *args, **kwargs)
             except (RunFileError, *passthrough):
+                _release_handles()
                 raise
             except Exception as err:
+                _release_handles()
                 raise RunFileError(
                     f"{path} is a damaged run file ({type(err).__name__}: {_first_line(err)}); it cannot be read"
                 ) from err
@@ -572,7 +582,12 @@ def open_run(path: str | Path, group: str = "tree"):
     Works on finished runs, runs still being written (SWMR) and runs killed mid-interval. A damaged
     file raises RunFileError here; damage inside data chunks surfaces when they are read (h5py's OSError).
     """
-    return group_dataset(open_h5(path), group)
+    f = open_h5(path)
+    try:
+        return group_dataset(f, group)
+    except BaseException:
+        f.close()  # a damaged layout: close now, not at some later garbage collection
+        raise
 
 
 @reads_run_file()
