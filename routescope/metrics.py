@@ -221,14 +221,18 @@ def _layer_slice(counts: dict[str, np.ndarray], layer: LayerInfo, leading: int) 
     return out
 
 
-def select_layers(ds: xr.Dataset, layers: list[int] | None) -> list[LayerInfo]:
-    infos = layer_infos(ds)
+def pick_layers(infos: list, layers: list[int] | None, what: str = "layer") -> list:
+    """The chosen entries of `infos` (all when `layers` is None); a clear error naming a bad index."""
     if layers is None:
         return infos
     bad = [i for i in layers if not 0 <= i < len(infos)]
     if bad:
-        raise MetricsError(f"no layer {bad[0]} in this run; it has layers 0..{len(infos) - 1}")
+        raise MetricsError(f"no {what} {bad[0]} in this run; it has {what}s 0..{len(infos) - 1}")
     return [infos[i] for i in layers]
+
+
+def select_layers(ds: xr.Dataset, layers: list[int] | None) -> list[LayerInfo]:
+    return pick_layers(layer_infos(ds), layers)
 
 
 def summarize(ds: xr.Dataset, window: tuple[int | None, int | None] = (None, None), layers: list[int] | None = None,

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from routescope.metrics import MetricsError, select_window, window_counts
+from routescope.metrics import MetricsError, pick_layers, select_window, window_counts
 
 L1_METRICS = ("active_mean", "active_p50", "active_p99", "active_max", "active_fraction", "dead_units", "dead_fraction")
 MOE_METRICS = ("load_cv", "max_mean_load", "dead_experts", "router_entropy", "router_entropy_norm", "drop_fraction",
@@ -142,13 +142,7 @@ def _check_family(ds: xr.Dataset, family: str) -> None:
 
 def select_family_layers(ds: xr.Dataset, family: str, layers: list[int] | None) -> list[FamilyLayer]:
     """The chosen layers of an l1/moe group (all when `layers` is None); a clear error for a bad index."""
-    infos = family_layers(ds, family)
-    if layers is None:
-        return infos
-    bad = [i for i in layers if not 0 <= i < len(infos)]
-    if bad:
-        raise MetricsError(f"no {family} layer {bad[0]} in this run; it has {family} layers 0..{len(infos) - 1}")
-    return [infos[i] for i in layers]
+    return pick_layers(family_layers(ds, family), layers, f"{family} layer")
 
 
 def summarize_family(ds: xr.Dataset, family: str, window: tuple[int | None, int | None] = (None, None),
