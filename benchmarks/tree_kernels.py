@@ -16,6 +16,7 @@ dy and writes dx and the touched gradient rows) over the copy bandwidth measured
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -187,10 +188,53 @@ def sweep(console: Console) -> list[dict]:
     return rows
 
 
+REGISTER_CAPS = {"fwd": (None, 64, 80, 96, 112), "bwd": (None, 128, 160, 192, 224)}
+
+
+def register_sweep(console: Console) -> list[dict]:
+    """The default tiles with a per-thread register cap (Triton's maxnreg) on the subtree launches, at 16k
+    tokens: fewer registers buy occupancy (the kernels are latency-bound, BENCHMARKS.md) at the cost of spills.
+    Each capped result is checked against the uncapped one (a cap must not change any output)."""
+    rows = []
+    for d, depth in SHAPES:
+        n = 16384
+        x = torch.randn(n, d, device="cuda", dtype=DTYPE)
+        dy = torch.randn_like(x)
+        w, b, u = tree_params(d, depth, requires_grad=False)
+        stats = new_tree_stats(1, depth, device="cuda")
+        base_f, base_b = tt.default_config(n, d, d, depth), tt.default_config(n, d, d, depth, backward=True)
+        with torch.no_grad():
+            ref = tt.tree_forward(x, w, b, u, depth, config=base_f)
+            ref_dx = tt.tree_backward(dy, x, w, u, ref.leaf, ref.z, None, ref.grouping, depth, config=base_b)[0]
+        for direction, caps in REGISTER_CAPS.items():
+            for cap in caps:
+                f_cfg = dataclasses.replace(base_f, max_registers=cap if direction == "fwd" else None)
+                b_cfg = dataclasses.replace(base_b, max_registers=cap if direction == "bwd" else None)
+                with torch.no_grad():
+                    res = tt.tree_forward(x, w, b, u, depth, config=f_cfg)
+                    dx = tt.tree_backward(dy, x, w, u, res.leaf, res.z, None, res.grouping, depth, config=b_cfg)[0]
+                    same = torch.equal(res.leaf, ref.leaf) and torch.allclose(res.y.float(), ref.y.float(), atol=1e-2) \
+                        and torch.allclose(dx.float(), ref_dx.float(), atol=5e-2, rtol=1e-2)  # fmt: skip
+                    if direction == "fwd":
+                        t = best_of(lambda: tt.tree_forward(x, w, b, u, depth, config=f_cfg))
+                        t_rec = best_of(lambda: tt.tree_forward(x, w, b, u, depth, stats=stats, config=f_cfg))
+                    else:
+                        t = best_of(lambda: tt.tree_backward(dy, x, w, u, res.leaf, res.z, None, res.grouping, depth,
+                                                             config=b_cfg))  # fmt: skip
+                        t_rec = float("nan")
+                rows.append({"d": d, "depth": depth, "direction": direction, "cap": cap, "ms": t, "rec_ms": t_rec,
+                             "same": same})  # fmt: skip
+                console.print(f"d={d} depth={depth} {direction} maxnreg={cap}: {t:.4f} ms"
+                              + (f", with recording {t_rec:.4f}" if direction == "fwd" else "")
+                              + ("" if same else "  [red]OUTPUT DIFFERS[/]"))  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also sweep tiles and subtree sizes at 16k tokens")
     parser.add_argument("--quick", action="store_true", help="tokens 32 and 16384 only")
+    parser.add_argument("--registers", action="store_true", help="only sweep a register cap on the subtree launches")
     parser.add_argument("--no-fff", action="store_true", help="skip fastfeedforward (slow: a Python loop)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
@@ -203,6 +247,11 @@ def main() -> None:
     results: dict = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "copy_tb_s": bw / 1e9}
     if args.sweep:
         results["sweep"] = sweep(console)
+    if args.registers:
+        results["registers"] = register_sweep(console)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+        return
     try:
         import fastfeedforward  # noqa: F401
 

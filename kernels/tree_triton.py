@@ -17,12 +17,17 @@ With `stats=`, both launches add the DESIGN.md per-node counts and sums of the b
 int64 / float64 accumulators, reduced over the block first (one atomic per unit and block): no
 second pass. Non-finite z (NaN/inf) stays out of the sums; the subtree launch counts, per tree, the
 tokens with a non-finite z anywhere on their path (top levels read back from z) with one atomic per
-block. Counts still count such a token where it went: NaN > 0 is false, so a NaN z routes left. By-products: the leaf per token and tree and z along the path (the backward reuses them).
+block. Counts still count such a token where it went: NaN > 0 is false, so a NaN z routes left.
+By-products: the leaf per token and tree and z along the path (the backward reuses them).
 
 Backward, one launch in the forward's grouping (`_subtree_bwd_kernel`): per block, dz on the path
 and dx = dZ·W (dense dots again), and the block's sums du += Aᵀ·dy, dw += dZᵀ·x, db += Σ dz, added
 with one atomic per row and block. Float atomics make gradients and float sums non-deterministic in
 the last bits; counts are exact.
+
+This module is the host side (configs, checks, launches, autograd). The kernels live in
+`_tree_fwd_kernels.py` (forward), `_tree_bwd_kernels.py` (backward) and `_tree_jit_helpers.py` (the
+@triton.jit helpers both share); they are imported here, so their names stay importable from here.
 """
 
 from __future__ import annotations
@@ -36,10 +41,8 @@ from torch import Tensor
 
 try:  # Triton is a Linux dependency; elsewhere the layer stays on the torch reference.
     import triton
-    import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
-    tl = None
 
 # Activation codes shared by host and kernels (index in this tuple).
 ACT_CODES = ("gelu", "gelu_tanh", "relu", "silu", "tanh", "sigmoid", "identity")
@@ -72,6 +75,14 @@ class KernelConfig:
     sub_levels: int = 6  # levels per subtree, leaf level included: 2^6 − 1 = 63 units per dense block
     num_warps: int = 4
     num_stages: int = 3
+    max_registers: int | None = None  # cap per thread for the subtree launches (spills past it); None: Triton's choice
+
+    def launch_options(self) -> dict[str, int]:
+        """Keyword options of the subtree launches: warps, and the register cap where set (not in the interpreter)."""
+        options = {"num_warps": self.num_warps}
+        if self.max_registers is not None and not interpreting():
+            options["maxnreg"] = self.max_registers
+        return options
 
 
 def default_config(n: int, d_in: int, d_out: int, depth: int, backward: bool = False) -> KernelConfig:
@@ -81,9 +92,11 @@ def default_config(n: int, d_in: int, d_out: int, depth: int, backward: bool = F
         return KernelConfig(block_m=16, block_k=16, block_o=16, sub_levels=3, num_warps=1, num_stages=1)
     if backward:  # bigger blocks: fewer atomic row adds per subtree
         return KernelConfig(block_m=64, num_warps=8)
+    # Forward register cap 96 (Triton picks 128-147): occupancy for a latency-bound kernel; H100 at 16k tokens,
+    # BENCHMARKS.md run 8: forward -11% at (768, 11), recording -10% at both shapes; the backward gains nothing.
     if n <= 64 or d_in >= 1536:  # small batches: latency; wide rows: registers
-        return KernelConfig(block_m=16)
-    return KernelConfig(block_m=32)
+        return KernelConfig(block_m=16, max_registers=96)
+    return KernelConfig(block_m=32, max_registers=96)
 
 
 class Split(NamedTuple):
@@ -103,400 +116,19 @@ def split_levels(depth: int, cfg: KernelConfig) -> Split:
     return Split(top, subl, max(16, 2**top), max(16, 2**subl), max(16, 2**top))
 
 
-if triton is not None:
-
-    @triton.jit
-    def _tanh(z):
-        """tanh via exp of −2|z| (no overflow; tl has no tanh on every supported version)."""
-        e = tl.exp(-2.0 * tl.abs(z))
-        th = (1.0 - e) / (1.0 + e)
-        return tl.where(z >= 0.0, th, -th)
-
-    @triton.jit
-    def _act(z, ACT: tl.constexpr):
-        """act(z) in fp32 for the activation code ACT (see ACT_CODES)."""
-        if ACT == 0:
-            out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        elif ACT == 1:
-            out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
-        elif ACT == 2:
-            out = tl.maximum(z, 0.0)
-        elif ACT == 3:
-            out = z / (1.0 + tl.exp(-z))
-        elif ACT == 4:
-            out = _tanh(z)
-        elif ACT == 5:
-            out = 1.0 / (1.0 + tl.exp(-z))
-        else:
-            out = z
-        return out
-
-    @triton.jit
-    def _dact(z, ACT: tl.constexpr):
-        """act'(z) in fp32 (relu'(0) = 0, as torch)."""
-        if ACT == 0:
-            out = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-        elif ACT == 1:
-            inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-            th = _tanh(inner)
-            out = 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
-        elif ACT == 2:
-            out = tl.where(z > 0.0, 1.0, 0.0)
-        elif ACT == 3:
-            sg = 1.0 / (1.0 + tl.exp(-z))
-            out = sg * (1.0 + z * (1.0 - sg))
-        elif ACT == 4:
-            th = _tanh(z)
-            out = 1.0 - th * th
-        elif ACT == 5:
-            sg = 1.0 / (1.0 + tl.exp(-z))
-            out = sg * (1.0 - sg)
-        else:
-            out = z * 0.0 + 1.0
-        return out
-
-    @triton.jit
-    def _unit_out(z, ACT: tl.constexpr, PLACE_OUT: tl.constexpr):
-        """A unit's contribution before the output sum: act(z) (placement "node") or z ("output")."""
-        if PLACE_OUT:
-            out = z
-        else:
-            out = _act(z, ACT)
-        return out
-
-    @triton.jit
-    def _unit_grad(g, z, ACT: tl.constexpr, PLACE_OUT: tl.constexpr):
-        """dL/dz of a unit from g = dL/d(contribution): g·act'(z) ("node") or g ("output")."""
-        if PLACE_OUT:
-            out = g
-        else:
-            out = g * _dact(z, ACT)
-        return out
-
-    @triton.jit
-    def _path_node(leaf, level: tl.constexpr, DEPTH: tl.constexpr):
-        """Heap index of the level-`level` unit on the path to `leaf` (leaf numbered 0 .. 2^DEPTH-1)."""
-        return ((leaf + (1 << DEPTH)) >> (DEPTH - level)) - 1
-
-    @triton.jit
-    def _path_node(leaf, level: tl.constexpr, DEPTH: tl.constexpr):
-        """Heap index of the level-`level` unit on the path to `leaf` (leaf numbered 0 .. 2^DEPTH-1)."""
-        return ((leaf + (1 << DEPTH)) >> (DEPTH - level)) - 1
-
-    @triton.jit
-    def _subtree_units(root, SUBL: tl.constexpr, SUBW: tl.constexpr):
-        """Columns of a subtree block: local heap index c, its global heap index, relative level, validity."""
-        c = tl.arange(0, SUBW)
-        lev = tl.zeros((SUBW,), dtype=tl.int32)
-        for k in tl.static_range(1, SUBL):
-            lev += (c + 1 >= (1 << k)).to(tl.int32)
-        width = tl.full((SUBW,), 1, dtype=tl.int32) << lev  # nodes at that level of the subtree
-        heap = (root + 1) * width - 1 + (c - (width - 1))
-        return c, heap, lev, c < (1 << SUBL) - 1
-
-    @triton.jit
-    def _block_tokens(pid, t, cnt_ptr, perm_ptr, n, TOP: tl.constexpr, NBP: tl.constexpr, BM: tl.constexpr):
-        """The tokens of program `pid` of tree t: one block of one subtree's tokens (or of all, TOP = 0).
-
-        Programs are laid out subtree after subtree, cdiv(count, BM) each; the grid has room for the
-        worst case, and programs past the last block get no valid token (and skip their loops).
-        """
-        if TOP > 0:
-            NB: tl.constexpr = 1 << TOP
-            bcol = tl.arange(0, NBP)
-            cnts = tl.load(cnt_ptr + t * NB + bcol, mask=bcol < NB, other=0)
-            blocks = (cnts + BM - 1) // BM
-            cum = tl.cumsum(blocks, axis=0)  # inclusive
-            bucket = tl.sum((cum <= pid).to(tl.int32), axis=0)
-            here = bcol == bucket
-            count = tl.sum(tl.where(here, cnts, 0), axis=0)
-            first_block = tl.sum(tl.where(here, cum - blocks, 0), axis=0)
-            slot = (pid - first_block) * BM + tl.arange(0, BM)
-            valid = slot < count  # count is 0 past the last subtree
-            rows = tl.load(perm_ptr + (t * NB + bucket).to(tl.int64) * n + slot, mask=valid, other=0).to(tl.int64)
-            root = NB - 1 + tl.minimum(bucket, NB - 1)  # idle programs: any real subtree, nothing valid
-        else:
-            rm = pid * BM + tl.arange(0, BM)
-            valid = rm < n
-            rows = rm.to(tl.int64)
-            root = pid * 0
-        return rows, valid, root, tl.sum(valid.to(tl.int32), axis=0) > 0
-
-    @triton.jit
-    def _finite(z):
-        """True where z is neither NaN nor ±inf."""
-        return (z == z) & (tl.abs(z) <= 3.4028234663852886e38)  # NaN != NaN; |inf| > the largest float32
-
-    @triton.jit
-    def _add_unit_stats(
-        zs, hit, cols, is_node, stat_node, stat_leaf, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr,
-        lv_ptr, lf_ptr, las_ptr, laq_ptr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr,
-    ):  # fmt: skip
-        """Per-unit counts and sums over a block (hit: tokens × units on the path), one atomic each;
-        the sums leave out non-finite z (NaN, inf), the counts do not."""
-        if PLACE_OUT:
-            fired = zs != 0.0
-        else:
-            fired = _act(zs, ACT) != 0.0
-        visits = tl.sum(hit.to(tl.int32), axis=0)
-        right = tl.sum((hit & (zs > 0.0)).to(tl.int32), axis=0).to(tl.int64)
-        fires = tl.sum((hit & fired).to(tl.int32), axis=0).to(tl.int64)
-        zhit = tl.where(hit & _finite(zs), zs, 0.0)
-        zsum = tl.sum(zhit, axis=0).to(tl.float64)
-        zsq = tl.sum(zhit * zhit, axis=0).to(tl.float64)
-        node = cols & is_node & (visits > 0)
-        leaf = cols & (~is_node) & (visits > 0)
-        tl.atomic_add(nv_ptr + stat_node, visits.to(tl.int64), mask=node, sem="relaxed")
-        tl.atomic_add(nr_ptr + stat_node, right, mask=node, sem="relaxed")
-        tl.atomic_add(nf_ptr + stat_node, fires, mask=node, sem="relaxed")
-        tl.atomic_add(nas_ptr + stat_node, zsum, mask=node, sem="relaxed")
-        tl.atomic_add(naq_ptr + stat_node, zsq, mask=node, sem="relaxed")
-        tl.atomic_add(lv_ptr + stat_leaf, visits.to(tl.int64), mask=leaf, sem="relaxed")
-        tl.atomic_add(lf_ptr + stat_leaf, fires, mask=leaf, sem="relaxed")
-        tl.atomic_add(las_ptr + stat_leaf, zsum, mask=leaf, sem="relaxed")
-        tl.atomic_add(laq_ptr + stat_leaf, zsq, mask=leaf, sem="relaxed")
-
-    @triton.jit
-    def _route_top_kernel(
-        x_ptr, w_ptr, b_ptr, z_ptr, perm_ptr, cnt_ptr,
-        tok_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr,
-        n, D, T,
-        DEPTH: tl.constexpr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        RECORD: tl.constexpr, TOP: tl.constexpr, TOPW: tl.constexpr, NBP: tl.constexpr,
-        DOT_PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
-    ):  # fmt: skip
-        """Route BM tokens through the top TOP levels of tree t and file them under their subtree."""
-        pid = tl.program_id(0)
-        t = tl.program_id(1)
-        rm = pid * BM + tl.arange(0, BM)
-        valid = rm < n
-        rows = rm.to(tl.int64)
-        rk = tl.arange(0, BK)
-        col = tl.arange(0, TOPW)  # heap node of each column
-        NNODE: tl.constexpr = (1 << DEPTH) - 1
-        NUNIT: tl.constexpr = 2 * NNODE + 1
-        NTOP: tl.constexpr = (1 << TOP) - 1
-        NB: tl.constexpr = 1 << TOP
-        w_t = w_ptr + t * NUNIT * D
-        zz = tl.zeros((BM, TOPW), dtype=tl.float32)
-        for k0 in tl.range(0, D, BK, num_stages=STAGES):
-            kk = k0 + rk
-            xk = tl.load(x_ptr + rows[:, None] * D + kk[None, :], mask=valid[:, None] & (kk[None, :] < D), other=0.0)
-            wk = tl.load(w_t + col[:, None] * D + kk[None, :], mask=(col[:, None] < NTOP) & (kk[None, :] < D), other=0.0)
-            zz += tl.dot(xk, tl.trans(wk.to(xk.dtype)), input_precision=DOT_PREC)
-        if HAS_BIAS:
-            zz += tl.load(b_ptr + t * NUNIT + col, mask=col < NTOP, other=0.0).to(tl.float32)[None, :]
-        zrow = z_ptr + (rows * T + t) * (DEPTH + 1)
-        idx = tl.zeros((BM,), dtype=tl.int32)
-        onpath = tl.zeros((BM, TOPW), dtype=tl.int1)
-        for level in tl.static_range(TOP):
-            sel = col[None, :] == idx[:, None]
-            z = tl.sum(tl.where(sel, zz, 0.0), axis=1)
-            tl.store(zrow + level, z, mask=valid)
-            onpath = onpath | sel
-            idx = 2 * idx + 1 + (z > 0.0).to(tl.int32)
-        # counting sort: rank within the block per subtree, then one atomic per subtree for the base
-        bucket = idx - NTOP
-        bcol = tl.arange(0, NBP)
-        inb = (bcol[None, :] == bucket[:, None]) & valid[:, None]  # (BM, NBP)
-        per_bucket = tl.sum(inb.to(tl.int32), axis=0)
-        rank = tl.sum(tl.where(inb, tl.cumsum(inb.to(tl.int32), axis=0) - 1, 0), axis=1)
-        base = tl.atomic_add(cnt_ptr + t * NB + bcol, per_bucket, mask=(bcol < NB) & (per_bucket > 0), sem="relaxed")
-        slot = tl.sum(tl.where(inb, base[None, :], 0), axis=1) + rank
-        tl.store(perm_ptr + (t * NB + bucket).to(tl.int64) * n + slot, rm, mask=valid)
-        if RECORD:
-            if (pid == 0) & (t == 0):
-                first = tl.arange(0, 1)
-                tl.atomic_add(tok_ptr + first, tl.zeros((1,), dtype=tl.int64) + n, sem="relaxed")
-            stat = t * NNODE + col
-            _add_unit_stats(
-                zz, onpath & valid[:, None], col < NTOP, col >= 0, stat, stat,
-                nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, ACT, PLACE_OUT,
-            )  # fmt: skip
-
-    @triton.jit
-    def _subtree_kernel(
-        x_ptr, w_ptr, b_ptr, u_ptr, y_ptr, s_ptr, leaf_ptr, z_ptr, perm_ptr, cnt_ptr,
-        tok_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr, bad_ptr,
-        n, D, O, T,
-        DEPTH: tl.constexpr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        RECORD: tl.constexpr, SAVE_S: tl.constexpr, Y_ATOMIC: tl.constexpr, SPLIT_A: tl.constexpr,
-        TOP: tl.constexpr, TOPW: tl.constexpr, NBP: tl.constexpr, SUBL: tl.constexpr, SUBW: tl.constexpr, DOT_PREC: tl.constexpr,
-        BM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, STAGES: tl.constexpr,
-    ):  # fmt: skip
-        """Route one block of a subtree's tokens through it and write y (see module doc)."""
-        pid = tl.program_id(0)
-        t = tl.program_id(1)
-        NNODE: tl.constexpr = (1 << DEPTH) - 1
-        NUNIT: tl.constexpr = 2 * NNODE + 1
-        PATH: tl.constexpr = DEPTH + 1
-        rows, valid, root, busy = _block_tokens(pid, t, cnt_ptr, perm_ptr, n, TOP, NBP, BM)
-        c, heap, lev, cols = _subtree_units(root, SUBL, SUBW)
-        rk = tl.arange(0, BK)
-        ro = tl.arange(0, BO)
-        w_t = w_ptr + t * NUNIT * D
-        u_t = u_ptr + t * NUNIT * O
-        k_end = tl.where(busy, D, 0)  # idle programs skip their loops
-        o_end = tl.where(busy, O, 0)
-        zs = tl.zeros((BM, SUBW), dtype=tl.float32)
-        for k0 in tl.range(0, k_end, BK, num_stages=STAGES):
-            kk = k0 + rk
-            xk = tl.load(x_ptr + rows[:, None] * D + kk[None, :], mask=valid[:, None] & (kk[None, :] < D), other=0.0)
-            wk = tl.load(w_t + heap[:, None] * D + kk[None, :], mask=cols[:, None] & (kk[None, :] < D), other=0.0)
-            zs += tl.dot(xk, tl.trans(wk.to(xk.dtype)), input_precision=DOT_PREC)
-        if HAS_BIAS:
-            zs += tl.load(b_ptr + t * NUNIT + heap, mask=cols & (c < tl.where(busy, SUBW, 0)), other=0.0).to(tl.float32)[None, :]
-        zrow = z_ptr + (rows * T + t) * PATH
-        loc = tl.zeros((BM,), dtype=tl.int32)
-        onpath = tl.zeros((BM, SUBW), dtype=tl.int1)
-        for level in tl.static_range(SUBL):
-            sel = c[None, :] == loc[:, None]
-            z = tl.sum(tl.where(sel, zs, 0.0), axis=1)
-            tl.store(zrow + TOP + level, z, mask=valid)
-            onpath = onpath | sel
-            if level < SUBL - 1:
-                loc = 2 * loc + 1 + (z > 0.0).to(tl.int32)
-        leaf_heap = tl.sum(tl.where(c[None, :] == loc[:, None], heap[None, :], 0), axis=1)
-        tl.store(leaf_ptr + rows * T + t, leaf_heap - NNODE, mask=valid)
-        hit = onpath & valid[:, None]
-        if RECORD:
-            if TOP == 0:
-                if (pid == 0) & (t == 0):
-                    first = tl.arange(0, 1)
-                    tl.atomic_add(tok_ptr + first, tl.zeros((1,), dtype=tl.int64) + n, sem="relaxed")
-            _add_unit_stats(
-                zs, hit, cols, lev < SUBL - 1, t * NNODE + heap, t * (NNODE + 1) + heap - NNODE,
-                nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr, ACT, PLACE_OUT,
-            )  # fmt: skip
-            # tokens of the block with a non-finite z on their path: subtree levels here, top levels from z
-            bad = tl.sum((hit & ~_finite(zs)).to(tl.int32), axis=1) > 0
-            tcol_b = tl.arange(0, TOPW)
-            ztop_b = tl.load(zrow[:, None] + tcol_b[None, :], mask=valid[:, None] & (tcol_b[None, :] < TOP), other=0.0)
-            bad = valid & (bad | (tl.sum((~_finite(ztop_b)).to(tl.int32), axis=1) > 0))
-            nbad = tl.sum(bad.to(tl.int64), axis=0)
-            nbad1 = tl.zeros((1,), dtype=tl.int64) + nbad
-            tl.atomic_add(bad_ptr + t + tl.arange(0, 1), nbad1, mask=nbad1 > 0, sem="relaxed")
-        CDT = x_ptr.dtype.element_ty
-        a = tl.where(hit, _unit_out(zs, ACT, PLACE_OUT), 0.0)
-        a_hi = a.to(CDT)
-        a_lo = (a - a_hi.to(tl.float32)).to(CDT)  # SPLIT_A: a = hi + lo keeps s = Σ z·u near fp32
-        tcol = tl.arange(0, TOPW)  # the block's shared top path: column = level
-        atop = _unit_out(tl.load(zrow[:, None] + tcol[None, :], mask=valid[:, None] & (tcol[None, :] < TOP), other=0.0),
-                         ACT, PLACE_OUT)  # fmt: skip
-        for o0 in tl.range(0, o_end, BO, num_stages=STAGES):
-            oo = o0 + ro
-            omask = oo < O
-            uk = tl.load(u_t + heap[:, None] * O + oo[None, :], mask=cols[:, None] & omask[None, :], other=0.0).to(CDT)
-            acc = tl.dot(a_hi, uk, input_precision=DOT_PREC)
-            if SPLIT_A:
-                acc += tl.dot(a_lo, uk, input_precision=DOT_PREC)
-            for level in tl.static_range(TOP):  # rank-1 updates
-                anc = ((root + 1) >> (TOP - level)) - 1
-                al = tl.sum(tl.where(tcol[None, :] == level, atop, 0.0), axis=1)
-                ul = tl.load(u_t + anc * O + oo, mask=omask, other=0.0).to(tl.float32)
-                acc += al[:, None] * ul[None, :]
-            m2 = valid[:, None] & omask[None, :]
-            if Y_ATOMIC:  # several trees add into the same rows: an fp32 sum, finished on the host
-                tl.atomic_add(s_ptr + rows[:, None] * O + oo[None, :], acc, mask=m2, sem="relaxed")
-            else:
-                if PLACE_OUT:
-                    if SAVE_S:
-                        tl.store(s_ptr + rows[:, None] * O + oo[None, :], acc, mask=m2)
-                    acc = _act(acc, ACT)
-                tl.store(y_ptr + rows[:, None] * O + oo[None, :], acc.to(y_ptr.dtype.element_ty), mask=m2)
-
-    @triton.jit
-    def _subtree_bwd_kernel(
-        x_ptr, w_ptr, u_ptr, dy_ptr, leaf_ptr, z_ptr, perm_ptr, cnt_ptr, dx_ptr, dw_ptr, db_ptr, du_ptr,
-        atop_ptr, dztop_ptr, n, D, O, T,
-        DEPTH: tl.constexpr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        DX_ATOMIC: tl.constexpr, TOP: tl.constexpr, TOPW: tl.constexpr, NBP: tl.constexpr,
-        SUBL: tl.constexpr, SUBW: tl.constexpr, DOT_PREC: tl.constexpr,
-        BM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, STAGES: tl.constexpr,
-    ):  # fmt: skip
-        """Gradients of one block of a subtree's tokens (routing fixed): dx = dZ·W per token; the
-        subtree rows' du += Aᵀ·dy, dw += dZᵀ·x, db += Σ dz summed over the block, one atomic add per row.
-        For the top rows, which every block shares, it writes each token's A and dZ (columns = top
-        nodes) for dense products on the host instead of contended atomics."""
-        pid = tl.program_id(0)
-        t = tl.program_id(1)
-        NNODE: tl.constexpr = (1 << DEPTH) - 1
-        NUNIT: tl.constexpr = 2 * NNODE + 1
-        PATH: tl.constexpr = DEPTH + 1
-        CDT = x_ptr.dtype.element_ty
-        rows, valid, root, busy = _block_tokens(pid, t, cnt_ptr, perm_ptr, n, TOP, NBP, BM)
-        c, heap, lev, cols = _subtree_units(root, SUBL, SUBW)
-        tcol = tl.arange(0, TOPW)  # top levels: column = level
-        rk = tl.arange(0, BK)
-        ro = tl.arange(0, BO)
-        w_t = w_ptr + t * NUNIT * D
-        u_t = u_ptr + t * NUNIT * O
-        zrow = z_ptr + (rows * T + t) * PATH
-        leaf = tl.load(leaf_ptr + rows * T + t, mask=valid, other=0)
-        # the path inside the subtree as (tokens × units), with its z; the shared top path's z by level
-        onpath = tl.zeros((BM, SUBW), dtype=tl.int1)
-        zpath = tl.zeros((BM, SUBW), dtype=tl.float32)
-        for level in tl.static_range(SUBL):
-            local = _path_node(leaf, TOP + level, DEPTH) - root * (1 << level)
-            sel = (c[None, :] == local[:, None]) & valid[:, None]
-            onpath = onpath | sel
-            zpath += tl.where(sel, tl.load(zrow + TOP + level, mask=valid, other=0.0)[:, None], 0.0)
-        ztop = tl.load(zrow[:, None] + tcol[None, :], mask=valid[:, None] & (tcol[None, :] < TOP), other=0.0)
-        apath = tl.where(onpath, _unit_out(zpath, ACT, PLACE_OUT), 0.0)
-        atop = tl.where(valid[:, None], _unit_out(ztop, ACT, PLACE_OUT), 0.0)
-        apath_c = apath.to(CDT)
-        touched = cols & (tl.sum(onpath.to(tl.int32), axis=0) > 0)  # rows this block adds into
-        g = tl.zeros((BM, SUBW), dtype=tl.float32)  # dL/d(unit output) = dy·u
-        gtop = tl.zeros((BM, TOPW), dtype=tl.float32)
-        for o0 in tl.range(0, tl.where(busy, O, 0), BO, num_stages=STAGES):
-            oo = o0 + ro
-            omask = oo < O
-            dyk = tl.load(dy_ptr + rows[:, None] * O + oo[None, :], mask=valid[:, None] & omask[None, :], other=0.0)
-            uk = tl.load(u_t + heap[:, None] * O + oo[None, :], mask=cols[:, None] & omask[None, :], other=0.0)
-            g += tl.dot(dyk, tl.trans(uk.to(dyk.dtype)), input_precision=DOT_PREC)
-            du_sub = tl.dot(tl.trans(apath_c), dyk.to(CDT), input_precision=DOT_PREC)  # (SUBW, BO)
-            tl.atomic_add(du_ptr + (t * NUNIT + heap).to(tl.int64)[:, None] * O + oo[None, :], du_sub,
-                          mask=touched[:, None] & omask[None, :], sem="relaxed")  # fmt: skip
-            dyf = dyk.to(tl.float32)
-            for level in tl.static_range(TOP):
-                anc = ((root + 1) >> (TOP - level)) - 1
-                ul = tl.load(u_t + anc * O + oo, mask=omask, other=0.0).to(tl.float32)
-                gtop += tl.where(tcol[None, :] == level, tl.sum(dyf * ul[None, :], axis=1)[:, None], 0.0)
-        dzs = tl.where(onpath, _unit_grad(g, zpath, ACT, PLACE_OUT), 0.0)
-        dztop = tl.where(valid[:, None] & (tcol[None, :] < TOP), _unit_grad(gtop, ztop, ACT, PLACE_OUT), 0.0)
-        if HAS_BIAS:
-            tl.atomic_add(db_ptr + t * NUNIT + heap, tl.sum(dzs, axis=0), mask=touched, sem="relaxed")
-        if TOP > 0:  # top rows: A and dZ by top node (column = heap index), zeros off the path
-            a_nodes = tl.zeros((BM, TOPW), dtype=tl.float32)
-            dz_nodes = tl.zeros((BM, TOPW), dtype=tl.float32)
-            for level in tl.static_range(TOP):
-                anc = ((root + 1) >> (TOP - level)) - 1
-                here = tcol[None, :] == level
-                a_nodes += tl.where(tcol[None, :] == anc, tl.sum(tl.where(here, atop, 0.0), axis=1)[:, None], 0.0)
-                dz_nodes += tl.where(tcol[None, :] == anc, tl.sum(tl.where(here, dztop, 0.0), axis=1)[:, None], 0.0)
-            top_rows = (t * n + rows)[:, None] * TOPW + tcol[None, :]
-            tl.store(atop_ptr + top_rows, a_nodes.to(atop_ptr.dtype.element_ty), mask=valid[:, None])
-            tl.store(dztop_ptr + top_rows, dz_nodes.to(dztop_ptr.dtype.element_ty), mask=valid[:, None])
-        dzs_c = dzs.to(CDT)
-        for k0 in tl.range(0, tl.where(busy, D, 0), BK, num_stages=STAGES):
-            kk = k0 + rk
-            kmask = kk < D
-            wk = tl.load(w_t + heap[:, None] * D + kk[None, :], mask=cols[:, None] & kmask[None, :], other=0.0)
-            xk = tl.load(x_ptr + rows[:, None] * D + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
-            acc = tl.dot(dzs_c, wk.to(CDT), input_precision=DOT_PREC)
-            dw_sub = tl.dot(tl.trans(dzs_c), xk, input_precision=DOT_PREC)  # (SUBW, BK)
-            tl.atomic_add(dw_ptr + (t * NUNIT + heap).to(tl.int64)[:, None] * D + kk[None, :], dw_sub,
-                          mask=touched[:, None] & kmask[None, :], sem="relaxed")  # fmt: skip
-            for level in tl.static_range(TOP):
-                anc = ((root + 1) >> (TOP - level)) - 1
-                wl = tl.load(w_t + anc * D + kk, mask=kmask, other=0.0).to(tl.float32)
-                dzl = tl.sum(tl.where(tcol[None, :] == level, dztop, 0.0), axis=1)
-                acc += dzl[:, None] * wl[None, :]
-            m2 = valid[:, None] & kmask[None, :]
-            if DX_ATOMIC:  # several trees add into the same rows of dx
-                tl.atomic_add(dx_ptr + rows[:, None] * D + kk[None, :], acc, mask=m2, sem="relaxed")
-            else:
-                tl.store(dx_ptr + rows[:, None] * D + kk[None, :], acc.to(dx_ptr.dtype.element_ty), mask=m2)
+if triton is not None:  # the kernels (and their helpers, re-exported: importable from here as before)
+    from ._tree_bwd_kernels import _subtree_bwd_kernel
+    from ._tree_fwd_kernels import _add_unit_stats as _add_unit_stats
+    from ._tree_fwd_kernels import _finite as _finite
+    from ._tree_fwd_kernels import _route_top_kernel, _subtree_kernel
+    from ._tree_jit_helpers import _act as _act
+    from ._tree_jit_helpers import _block_tokens as _block_tokens
+    from ._tree_jit_helpers import _dact as _dact
+    from ._tree_jit_helpers import _path_node as _path_node
+    from ._tree_jit_helpers import _subtree_units as _subtree_units
+    from ._tree_jit_helpers import _tanh as _tanh
+    from ._tree_jit_helpers import _unit_grad as _unit_grad
+    from ._tree_jit_helpers import _unit_out as _unit_out
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -593,7 +225,7 @@ def tree_forward(
     _subtree_kernel[(_grid_blocks(n, split, cfg.block_m), trees)](
         x, w, bias, u, y, s if s is not None else y, leaf, z, perm, counts, *st, n, d_in, d_out, trees,
         SAVE_S=s is not None, Y_ATOMIC=y_atomic, SPLIT_A=place_out and x.dtype != torch.float32,
-        TOPW=split.topw, SUBL=split.subl, SUBW=split.subw, BO=cfg.block_o, **common,
+        TOPW=split.topw, SUBL=split.subl, SUBW=split.subw, BO=cfg.block_o, **{**common, **cfg.launch_options()},
     )  # fmt: skip
     if y_atomic:
         y.copy_(_finish(s, activation) if place_out else s)
@@ -661,7 +293,7 @@ def tree_backward(
         atop, dztop, n, d_in, d_out, trees, DEPTH=depth, ACT=ACT_CODES.index(activation), PLACE_OUT=place_out,
         HAS_BIAS=has_bias, DX_ATOMIC=trees > 1, TOP=split.top, TOPW=split.topw, NBP=split.nbp, SUBL=split.subl,
         SUBW=split.subw, DOT_PREC=_dot_precision(x.dtype), BM=cfg.block_m, BK=cfg.block_k, BO=cfg.block_o,
-        STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        STAGES=cfg.num_stages, **cfg.launch_options(),
     )  # fmt: skip
     if ntop:
         du[:, :ntop] = torch.matmul(atop.transpose(1, 2)[:, :ntop], dy)  # (T, ntop, d_out)
