@@ -1,12 +1,15 @@
 """Crash and corruption soak: many SIGKILLs of real recordings, then a seeded fuzz of damaged copies of real files.
 
-    nice -n 10 python benchmarks/crash_soak.py                  # 51 kills, 240 damaged copies
-    python benchmarks/crash_soak.py --kills 6 --fuzz 30         # a quick look
+    nice -n 10 python benchmarks/crash_soak.py                  # 51 kills, 30 full disks, 240 damaged copies
+    python benchmarks/crash_soak.py --kills 6 --full 6 --fuzz 30  # a quick look
 
 Kills: tests/crashkit.py children (debug, debug-l1, debug-moe, and `routescope record` every fourth
 kill) get SIGKILL at a seeded moment 0–2 s after their first flushed interval; each file must open
 with h5py (plain or SWMR, counted), with routescope.open, keep every interval reported flushed, and
-satisfy the DESIGN.md invariants. Fuzz: copies of finished and killed run files with bit flips,
+satisfy the DESIGN.md invariants. Full disks: `routescope record` under a seeded RLIMIT_FSIZE (the kernel
+refuses to grow the file, as a full disk does), with the free-space reserve on and off (off: HDF5 meets
+the failed write itself); each must exit 2 with one `error:` line and leave a complete file that plain
+h5py opens, marked failed, invariant-clean, within the limit. Fuzz: copies of finished and killed run files with bit flips,
 truncations, zeroed or random blocks at seeded offsets go through `describe` (info), `build_report`
 (report), `routescope.open` of every group, loading every variable, and the Dashboard, in a forked
 worker with a timeout; every eighth case also through the `routescope info` and `routescope report`
@@ -76,6 +79,66 @@ def soak_kills(folder: Path, count: int, seed: int) -> tuple[list[Kill], list[di
         except (AssertionError, RunFileError) as err:
             failures[f"{kill.preset}: {str(err).splitlines()[0][:80]}"] += 1
     return kills, outcomes, failures
+
+
+# ---------------------------------------------------------------------------------------------- full disks
+
+
+def _limited(limit: int):  # type: ignore[no-untyped-def]
+    """preexec_fn: a file-size limit, with SIGXFSZ ignored so that write() fails with EFBIG instead of killing."""
+    import resource
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def soak_full_disks(folder: Path, count: int, seed: int) -> tuple[list[dict], Counter]:
+    """`routescope record` until a seeded file-size limit stops it (reserve on / off alternating); check each file."""
+    import h5py
+    from conftest import check_tree_invariants
+    from crashkit import check_family_invariants
+
+    rng = random.Random(seed + 1)
+    cases = [{"preset": PRESETS[i % 3], "guard": i % 2 == 0, "limit": int(rng.uniform(2.5, 6.0) * 2**20),
+              "path": folder / f"full{i:03d}.h5"} for i in range(count)]  # fmt: skip
+    failures: Counter = Counter()
+
+    def run(case: dict) -> subprocess.Popen:
+        reserve = [] if case["guard"] else ["--reserve-mib", "0"]
+        return subprocess.Popen([sys.executable, "-m", "routescope.cli", "record", "--config", case["preset"],
+                                 "--out", str(case["path"]), "--device", "cpu", "--steps", "100000", "--every", "1",
+                                 *reserve], preexec_fn=_limited(case["limit"]), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    start = time.monotonic()
+    for i in range(0, count, 2):
+        batch = [(case, run(case)) for case in cases[i : i + 2]]
+        for case, proc in batch:
+            try:
+                _, err = proc.communicate(timeout=600)
+                lines = [line for line in err.splitlines() if line.strip()]
+                assert proc.returncode == 2, f"exit {proc.returncode}: {err[-300:]!r}"
+                assert len(lines) == 1 and lines[0].startswith("error: "), f"not one error line: {err[-300:]!r}"
+                assert "Traceback" not in err
+                case["message"] = lines[0]
+                path, family = case["path"], FAMILIES[case["preset"]]
+                assert path.stat().st_size <= case["limit"], "file larger than the limit"
+                with h5py.File(path, "r") as f:  # plain h5py: closed, or flags cleared after a detached failure
+                    assert int(f["run_state"][()]) == 3, "not marked failed"
+                    rows = len(f["run/step"])
+                    if family != "tree":
+                        assert len(check_family_invariants(f, family)) == rows
+                if family == "tree":
+                    assert check_tree_invariants(path) == rows
+                case["rows"] = rows
+                case["by"] = "reserve" if "its reserve" in lines[0] else "checkpoint" if "checkpoint" in lines[0] else "write failed"
+            except (AssertionError, OSError, RunFileError) as err:
+                failures[f"{case['preset']} guard={case['guard']}: {str(err).splitlines()[0][:90]}"] += 1
+        console.print(f"  full disks {min(i + 2, count)}/{count} ({time.monotonic() - start:.0f} s)")
+    return cases, failures
 
 
 # ---------------------------------------------------------------------------------------------- fuzz
@@ -218,6 +281,7 @@ def finished_sources(folder: Path) -> list[Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=51)
+    parser.add_argument("--full", type=int, default=30, help="record runs stopped by a full disk (file-size limit)")
     parser.add_argument("--fuzz", type=int, default=240)
     parser.add_argument("--seed", type=int, default=9)
     parser.add_argument("--keep", type=Path, default=None, help="folder to keep the files in (default: a temp dir)")
@@ -225,7 +289,7 @@ def main() -> int:
     folder = args.keep or Path(tempfile.mkdtemp(prefix="crash_soak-"))
     folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    console.print(f"[bold]crash soak[/]: {args.kills} kills, {args.fuzz} damaged copies, seed {args.seed}, in {folder}")
+    console.print(f"[bold]crash soak[/]: {args.kills} kills, {args.full} full disks, {args.fuzz} damaged copies, seed {args.seed}, in {folder}")
 
     kills, outcomes, kill_failures = soak_kills(folder, args.kills, args.seed)
     kill_s = time.monotonic() - started
@@ -248,6 +312,25 @@ def main() -> int:
     for failure, n in kill_failures.items():
         console.print(f"[red]kill check failed ×{n}: {failure}")
 
+    full_start = time.monotonic()
+    cases, full_failures = soak_full_disks(folder, args.full, args.seed)
+    full_s = time.monotonic() - full_start
+    table = Table("preset", "reserve", "runs", "files intact (plain h5py, failed, invariants)", "rows min–max",
+                  "stopped by", title="`routescope record` on a full disk (RLIMIT_FSIZE 2.5–6 MiB)")  # fmt: skip
+    for preset in PRESETS:
+        for guard in (True, False):
+            mine = [c for c in cases if c["preset"] == preset and c["guard"] == guard]
+            good = [c for c in mine if "rows" in c]
+            if not mine:
+                continue
+            rows = [c["rows"] for c in good]
+            by = Counter(c["by"] for c in good)
+            table.add_row(preset, "default" if guard else "0 (off)", str(len(mine)), str(len(good)),
+                          f"{min(rows, default=0)}–{max(rows, default=0)}", ", ".join(f"{k} {v}" for k, v in by.items()))
+    console.print(table)
+    for failure, n in full_failures.items():
+        console.print(f"[red]full-disk check failed ×{n}: {failure}")
+
     sources = finished_sources(folder) + [o["kill"].path for o in outcomes[:2]]  # + a killed tree and l1 file
     fuzz_start = time.monotonic()
     by_case, by_reader, problems = soak_fuzz(folder, sources, args.fuzz, args.seed)
@@ -264,11 +347,11 @@ def main() -> int:
     for line in problems[:30]:
         console.print(f"[red]{line}")
     total = time.monotonic() - started
-    console.print(f"kills {kill_s:.0f} s, fuzz {fuzz_s:.0f} s, total {total:.0f} s; "
+    console.print(f"kills {kill_s:.0f} s, full disks {full_s:.0f} s, fuzz {fuzz_s:.0f} s, total {total:.0f} s; "
                   f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()}-core CPU")  # fmt: skip
-    if args.keep is None and not problems and not kill_failures:
+    if args.keep is None and not problems and not kill_failures and not full_failures:
         shutil.rmtree(folder)
-    return 1 if problems or kill_failures else 0
+    return 1 if problems or kill_failures or full_failures else 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from rich.progress import track
 from rich.table import Table
 
 from routescope.report import build_report
-from routescope.store import LayerLayout, RunWriter
+from routescope.store import LayerLayout
+from routescope.writer import RunWriter
 
 
 def consistent_counts(leaves: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:

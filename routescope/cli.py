@@ -59,6 +59,8 @@ def record(
     list_presets: Annotated[bool, typer.Option("--list", help="List the presets and exit.")] = False,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run file (and its RUN.ckpt.pt) "
                                                    "to --steps; README: How resume works.")] = None,  # fmt: skip
+    reserve_mib: Annotated[Optional[float], typer.Option("--reserve-mib", min=0, help="Free space (MiB) to leave on "
+                           "OUT's disk: with less, recording stops cleanly (default: 1 MiB + 2 intervals; 0: off).")] = None,
 ) -> None:
     """Train a preset on the embedded Shakespeare corpus and record its routing to an HDF5 run file."""
     from routescope.trainers.presets import PRESETS, get_preset
@@ -85,18 +87,25 @@ def record(
         name = config or "shakespeare-tree"
         cfg = get_preset(name, **overrides)
 
+    from routescope.recorder import RecorderError
     from routescope.trainers.train import train
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # SIGTERM closes the file as Ctrl-C does
     what = "resume" if resume is not None else "record"
     console.print(f"[bold]routescope {what}[/] {name or cfg.description or 'run'}: {cfg.steps} steps, interval {cfg.record_every} → {out}")
     try:
-        result = train(cfg, out=out, device=device, overwrite=overwrite, checkpoint=True, resume=resume is not None)
+        reserve = None if reserve_mib is None else int(reserve_mib * 2**20)
+        result = train(cfg, out=out, device=device, overwrite=overwrite, checkpoint=True, resume=resume is not None,
+                       reserve_bytes=reserve)  # fmt: skip
     except KeyboardInterrupt:
         fail(f"interrupted; {out} holds every interval recorded so far (marked 'interrupted'); "
              f"continue it with `routescope record --resume {out}`")  # fmt: skip
     except (ValueError, RunFileError) as err:
         fail(str(err))
+    except (RecorderError, OSError) as err:  # a full disk: the run file's writer, or the training checkpoint
+        recorder = getattr(err, "recorder", None)
+        what = recorder.stopped_message(hint=False) if recorder is not None else str(err.strerror or err)
+        fail(f"{what}; once there is room, continue with `routescope record --resume {out}`")
     size = out.stat().st_size
     console.print(
         f"val loss {result.initial_val_loss:.3f} → {result.final_val_loss:.3f} in {result.seconds:.0f} s "

@@ -11,12 +11,18 @@ writer: the other ranks get a `NullWriter` and write no file. What is reduced, a
   hold a different number of them, and token ids only mean something on their own rank).
 Plain float scalars passed to `step()`/`log()` (e.g. `lr`) are rank 0's.
 
+Failures are agreed on, so that no rank waits forever in a collective the others left: the writer's
+opening (and resume point) is shared from rank 0 at start (`share_from_writer`), and rank 0's writer
+failure rides along each interval's all-reduce as one int, which every rank reads at the next
+interval end (one interval late, so that reading it never stalls a GPU) and then stops alike.
+
 DDP with `broadcast_buffers=True` copies rank 0's buffers into every rank at each forward, which
 would overwrite the other ranks' accumulators; `ignore_accumulators` takes them out of DDP's sync.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,16 +53,19 @@ def reduce_interval(
     sum_ints: int | None = None,
     sum_floats: int | None = None,
     mean_floats: int = 0,
-) -> tuple[Tensor, Tensor]:
+    writer_failed: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Sum the interval's counts and sums over the ranks and average its trailing tensor scalars.
 
     flat_ints[:sum_ints] and flat_floats[:sum_floats] are summed (default: the whole buffer);
     flat_floats[-mean_floats:] is averaged; the rest (traces) is left as this rank has it. One
-    all-reduce per dtype; a no-op outside torch.distributed. Every rank must call it at the same
-    interval ends with the same layers and the same number of tensor scalars.
+    all-reduce per dtype; a no-op outside torch.distributed (the third result is then None). Every
+    rank must call it at the same interval ends with the same layers and number of tensor scalars.
+    The third result: a one-element tensor on the buffers' device, non-zero on every rank when any rank
+    passed `writer_failed` (not read here: reading it would make the host wait for the device).
     """
     if not is_active():
-        return flat_ints, flat_floats
+        return flat_ints, flat_floats, None
     ranks = dist.get_world_size()
     sum_ints = flat_ints.numel() if sum_ints is None else sum_ints
     sum_floats = flat_floats.numel() if sum_floats is None else sum_floats
@@ -68,9 +77,9 @@ def reduce_interval(
     # The last int entry carries each rank's scalar count, so a mismatch is caught (on every rank
     # alike) before the float all-reduce, which would otherwise fail or mix unrelated values. Reading
     # it is a host sync, so it is checked on the CPU only; on CUDA it stays on the device.
-    ints = torch.cat([flat_ints[:sum_ints], flat_ints.new_full((1,), mean_floats)])
+    ints = torch.cat([flat_ints[:sum_ints], flat_ints.new_tensor([mean_floats, int(writer_failed)])])
     dist.all_reduce(ints)
-    if ints.device.type == "cpu" and int(ints[-1]) != mean_floats * ranks:
+    if ints.device.type == "cpu" and int(ints[-2]) != mean_floats * ranks:
         raise RuntimeError(
             "ranks passed different tensor scalars to Recorder.step()/log() in one interval; pass the same "
             "names (e.g. loss) on every rank"
@@ -81,7 +90,34 @@ def reduce_interval(
     floats[sum_floats:] /= ranks
     out_ints = torch.cat([ints[:sum_ints], flat_ints[sum_ints:]])
     out_floats = torch.cat([floats[:sum_floats], flat_floats[sum_floats : flat_floats.numel() - mean_floats], floats[sum_floats:]])
-    return out_ints, out_floats
+    return out_ints, out_floats, ints[-1:]
+
+
+def open_on_writer(make: Callable[[], Any], describe: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """Run `make()` on the writer (rank 0, or the only process) and give every rank `describe` of its result.
+
+    Returns (the made object on the writer, else None; the description, on every rank). Under
+    torch.distributed rank 0 broadcasts its description or its error's message; the other ranks then
+    raise RunFileError with that message, so a writer that cannot open its file stops every rank at
+    start instead of leaving them waiting in the first all-reduce.
+    """
+    from routescope.store import RunFileError
+
+    if not is_active():
+        made = make()
+        return made, describe(made)
+    made, box = None, [None, None]
+    if is_writer():
+        try:
+            made = make()
+            box[0] = describe(made)
+        except BaseException as err:
+            dist.broadcast_object_list([None, f"{type(err).__name__}: {err}"], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise RunFileError(f"rank 0 could not open the run file ({box[1]}); fix that, then start again")
+    return made, box[0]
 
 
 class NullWriter:

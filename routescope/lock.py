@@ -60,6 +60,10 @@ class WriterLock:
         self._fd = fd
         return self
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
         """Remove the sidecar and drop the lock (idempotent)."""
         if self._fd is None:

@@ -18,8 +18,6 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from routescope.store import RunFileError
-
 FROZEN_EPSILON = 0.01  # a live node is frozen when min(p, 1 - p) < epsilon
 TREE_METRICS = (
     "routing_entropy", "balance", "leaf_entropy_norm", "effective_leaves", "dead_fraction", "frozen_fraction",

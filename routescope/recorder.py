@@ -43,6 +43,10 @@ def packing_order(family: Family) -> tuple[tuple[str, ...], tuple[str, ...]]:
 class RecorderError(RuntimeError):
     """The background writer failed; recording has stopped (training itself can go on)."""
 
+    def __init__(self, message: str, recorder: Recorder | None = None) -> None:
+        super().__init__(message)
+        self.recorder = recorder  # whose stopped_message() the CLI words its own way
+
 
 @dataclass
 class _Interval:
@@ -69,6 +73,9 @@ class Recorder:
     on_error: what a failed write (disk full, ...) does at the next `step()`: "raise" a RecorderError
     (again at `close()`), or "stop": warn once, close the file marked failed, and make later calls
     no-ops so that training goes on without recording. Rows flushed before the failure stay intact.
+    reserve_bytes: free space the recorder leaves on the file's disk (and under `ulimit -f`): with less,
+    it stops as on a failed write, before HDF5 can meet a full disk. None: 1 MiB plus two of the
+    largest intervals so far; 0: no check (README, "Disk full").
     resume: append to an existing run from its last complete interval (README, "How resume works"):
     `global_step`, tokens_seen and elapsed_s continue; a file recording other layers, `every`,
     `sample_tokens` or `config` (keys in `config_may_differ`, dotted, excepted) is refused with
@@ -93,6 +100,7 @@ class Recorder:
         resume: bool = False,
         resume_step: int | None = None,
         config_may_differ: tuple[str, ...] = (),
+        reserve_bytes: int | None = None,
     ) -> None:
         if every < 1:
             raise ValueError("every must be >= 1")
@@ -112,12 +120,17 @@ class Recorder:
         self.resume = resume
         self.resume_step = resume_step
         self.config_may_differ = tuple(config_may_differ)
+        if reserve_bytes is not None and reserve_bytes < 0:
+            raise ValueError(f"reserve_bytes must be >= 0 (0: no free-space check), got {reserve_bytes}")
+        self.reserve_bytes = reserve_bytes
         self.global_step = 0
         self._generator = torch.Generator().manual_seed(seed)
         self._writer: RunWriter | None = None
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue[_Interval | None] = queue.Queue(maxsize=16)
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # the writer's failure (rank 0), or rank 0's reported to this rank
+        self._halted = False  # under torch.distributed: every rank has learnt of the writer's failure
+        self._failure_flag: tuple[Tensor, Any] | None = None  # last interval's reduced failure flag, on its way to the host
         self._sizes = [layer.stat_sizes() for _, layer in self.layers]  # per-layer dimension sizes
         # Each layer's position among the layers of its family (its index on that group's `layer` axis).
         self._family_index = [sum(other.family == layer.family for _, other in self.layers[:i])
@@ -147,11 +160,16 @@ class Recorder:
             "torch_version": torch.__version__,
             "world_size": distributed.world_size(),
         }
-        writer = RunWriter if distributed.is_writer() else distributed.NullWriter  # only rank 0 writes
         resume = {"resume": True, "resume_step": self.resume_step, "config_may_differ": self.config_may_differ} if self.resume else {}
-        self._writer = writer(self.path, layouts, attrs, scalars=self.scalar_names, sample_tokens=self.sample_tokens,
-                              context=self.context, overwrite=self.overwrite, **resume)  # fmt: skip
-        resumed = getattr(self._writer, "resumed_from", None)
+
+        def make() -> RunWriter:
+            return RunWriter(self.path, layouts, attrs, scalars=self.scalar_names, sample_tokens=self.sample_tokens,
+                             context=self.context, overwrite=self.overwrite, reserve_bytes=self.reserve_bytes,
+                             **resume)  # fmt: skip
+
+        # Only rank 0 writes; every rank learns whether it could open the file and where a resumed run goes on.
+        writer, resumed = distributed.open_on_writer(make, lambda w: w.resumed_from)
+        self._writer = writer if writer is not None else distributed.NullWriter()
         step, tokens, elapsed = resumed if resumed is not None else (0, 0, 0.0)
         if self.resume:
             self.global_step = self.resume_step if self.resume_step is not None else step
@@ -170,7 +188,7 @@ class Recorder:
         if self._writer is None:
             return
         try:
-            if self._steps_in_interval > 0 and self._error is None:
+            if self._steps_in_interval > 0 and not self._failed():
                 self._close_interval()
         finally:
             for _, layer in self.layers:
@@ -179,23 +197,33 @@ class Recorder:
             if self._thread is not None:
                 self._queue.put(None)
                 self._thread.join()
-            self._writer.close("failed" if self._error is not None and state == "finished" else state)
-            self._writer = None
+            writer, self._writer = self._writer, None
+            try:
+                writer.close("failed" if self._error is not None and state == "finished" else state)
+            except Exception as err:  # noqa: BLE001 - the final flush failed (a full disk): report it like a write
+                self._error = self._error or err
         if self._error is not None and self.on_error == "stop":
-            warnings.warn(f"recording to {self.path} stopped: {self._error}; training goes on without it",
+            warnings.warn(f"{self.stopped_message()}; training goes on without it",
                           RuntimeWarning, stacklevel=2)  # fmt: skip
         elif self._error is not None:
-            raise RecorderError(f"recording to {self.path} stopped: {self._error}") from self._error
+            raise RecorderError(self.stopped_message(), self) from self._error
+
+    def stopped_message(self, hint: bool = True) -> str:
+        """One line for a writer failure: what failed, and (hint) how to continue once the disk has room."""
+        line = f"recording to {self.path} stopped: {_reason(self._error)}" if self._error is not None else ""
+        if hint and isinstance(self._error, OSError):
+            line += "; make room, then continue the run with Recorder(..., resume=True)"
+        return line
 
     # ------------------------------------------------------------------ per step
     def step(self, loss: Tensor | float | None = None, token_ids: Tensor | None = None, **scalars: float | Tensor) -> None:
         """Call once per optimizer step. `loss` is averaged over the interval on the device (no sync);
         `token_ids` (the batch's input ids, shape (batch, seq)) label the sampled traces."""
-        if self._error is not None and self.on_error == "stop":
+        if self._failed() and self.on_error == "stop":
             self.close("failed")  # warns, once: the writer is gone afterwards and close() returns at once
             return
-        if self._error is not None:
-            raise RecorderError(f"recording to {self.path} stopped: {self._error}") from self._error
+        if self._failed():
+            raise RecorderError(self.stopped_message(), self) from self._error
         self.global_step += 1
         self._steps_in_interval += 1
         if loss is not None:
@@ -217,6 +245,27 @@ class Recorder:
         self._scalars.update(scalars)
 
     # ------------------------------------------------------------------ internals
+    def _failed(self) -> bool:
+        """Whether recording has stopped on a writer failure: at once in one process; under torch.distributed
+        only once every rank knows (routescope/distributed.py), so that no rank leaves the others waiting."""
+        return self._halted if distributed.is_active() else self._error is not None
+
+    def _learn_agreed_failure(self) -> bool:
+        """Read the failure flag reduced at the previous interval end (every rank reads the same value at the
+        same interval end); True, and halted, when rank 0's writer had failed."""
+        pending, self._failure_flag = self._failure_flag, None
+        if pending is None:
+            return False
+        flag, ready = pending
+        if ready is not None:
+            ready.synchronize()  # recorded an interval ago: long done
+        if int(flag.item()) == 0:
+            return False
+        self._halted = True
+        if self._error is None:
+            self._error = RuntimeError("the run file's writer (rank 0) failed; rank 0 reports why")
+        return True
+
     def _reset_interval(self) -> None:
         self._steps_in_interval = 0
         self._loss_sum: Tensor | None = None
@@ -233,6 +282,9 @@ class Recorder:
                 layer.last_trace = None
 
     def _close_interval(self) -> None:
+        if distributed.is_active() and self._learn_agreed_failure():
+            self._reset_interval()  # every rank stops here alike: no more collectives
+            return
         device = self.layers[0][1].routing_stats()["tokens"].device if self.layers else torch.device("cpu")
         if self._loss_sum is not None and not self.layers:
             device = self._loss_sum.device
@@ -256,7 +308,14 @@ class Recorder:
         if self.layers:  # zero every accumulator of every layer in a few launches
             torch._foreach_zero_([t for _, layer in self.layers for t in layer.routing_stats().values()])
         # Under torch.distributed: sum counts/sums over ranks, average tensor scalars (routescope/distributed.py).
-        flat_ints, flat_floats = distributed.reduce_interval(flat_ints, flat_floats, summed_ints, summed_floats, len(tensor_scalars))
+        flat_ints, flat_floats, failed = distributed.reduce_interval(flat_ints, flat_floats, summed_ints, summed_floats,
+                                                                     len(tensor_scalars), self._error is not None)  # fmt: skip
+        if failed is not None:
+            ready = None
+            if failed.device.type == "cuda":
+                failed, ready = _to_host(failed), torch.cuda.Event()
+                ready.record()
+            self._failure_flag = (failed, ready)
         if not distributed.is_writer():
             self._reset_interval()
             return
@@ -398,6 +457,12 @@ def _take_into(rows: dict[str, np.ndarray], names: tuple[str, ...], family: Fami
         rows[name][(at, *(slice(0, s) for s in shape))] = flat[start : start + size].reshape(shape)
         start += size
     return start
+
+
+def _reason(err: BaseException) -> str:
+    """An error as one line for the user: an OSError's own words (without "[Errno N]"), else its first line."""
+    text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return (text.splitlines() or [type(err).__name__])[0]
 
 
 def _layout(name: str, layer: nn.Module) -> LayerLayout:

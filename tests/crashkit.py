@@ -249,7 +249,7 @@ def _child(preset: str, out: str, progress: str, every: str) -> None:
     if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"  # before routescope.layers is imported (no GPU in the soak)
     from routescope.recorder import Recorder
-    from routescope.store import RunWriter
+    from routescope.writer import RunWriter
     from routescope.trainers.presets import get_preset
     from routescope.trainers.train import train
 

@@ -24,7 +24,8 @@ from routescope.dashboards import figures_families as FF
 from routescope.dashboards import sources
 from routescope.dashboards.app import create_app
 from routescope.schema import active_bin_edges
-from routescope.store import LayerLayout, RunWriter
+from routescope.store import LayerLayout
+from routescope.writer import RunWriter
 
 # ---- figures on known answers ---------------------------------------------------------------------------
 

@@ -117,8 +117,8 @@ def test_two_ranks_equal_one_process_over_all_tokens(tmp_path: Path) -> None:
 
 def test_reduce_interval_is_identity_outside_distributed() -> None:
     ints, floats = torch.arange(5), torch.rand(4, dtype=torch.float64)
-    out_ints, out_floats = reduce_interval(ints, floats, 3, 2, 1)
-    assert out_ints is ints and out_floats is floats
+    out_ints, out_floats, failed = reduce_interval(ints, floats, 3, 2, 1, writer_failed=True)
+    assert out_ints is ints and out_floats is floats and failed is None
 
 
 def test_ignore_accumulators_marks_every_accumulator_buffer() -> None:

@@ -17,7 +17,8 @@ import routescope
 from routescope import Recorder, metrics
 from routescope.layers import L1SparseFFN, TopKMoE
 from routescope.schema import active_bin_edges
-from routescope.store import LayerLayout, RunWriter
+from routescope.store import LayerLayout
+from routescope.writer import RunWriter
 
 from conftest import run_cli
 

@@ -13,7 +13,8 @@ import pytest
 import routescope
 from routescope import metrics
 from routescope.events import early_warnings, pruning_events
-from routescope.store import LayerLayout, RunWriter
+from routescope.store import LayerLayout
+from routescope.writer import RunWriter
 
 from conftest import run_cli
 

@@ -13,7 +13,7 @@ from torch import nn
 import routescope
 from routescope import Recorder, TreeFFN
 from routescope.recorder import RecorderError
-from routescope.store import RunWriter
+from routescope.writer import RunWriter
 
 from conftest import check_tree_invariants
 

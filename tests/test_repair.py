@@ -24,7 +24,8 @@ import os, sys, time
 import numpy as np
 sys.path.insert(0, {tests!r})
 from test_store import synthetic_rows
-from routescope.store import LayerLayout, RunWriter
+from routescope.store import LayerLayout
+from routescope.writer import RunWriter
 layers = [LayerLayout("a", 3, 2, {{"depth": 3, "trees": 2}}), LayerLayout("b", 2, 1, {{"depth": 2, "trees": 1}})]
 writer = RunWriter({path!r}, layers, {{}}, scalars=("train_loss",))
 rng = np.random.default_rng(0)

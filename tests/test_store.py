@@ -14,7 +14,8 @@ import pytest
 import xarray as xr
 
 import routescope
-from routescope.store import SCHEMA_VERSION, TREE_VARIABLES, LayerLayout, RunFileError, RunWriter, open_h5
+from routescope.store import SCHEMA_VERSION, TREE_VARIABLES, LayerLayout, RunFileError, open_h5
+from routescope.writer import RunWriter
 
 from conftest import check_tree_invariants, open_plain
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import errno
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +82,11 @@ def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, st
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # a full disk reaches torch.save as "RuntimeError: ... iostream error"
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(errno.ENOSPC if free < 2**20 else errno.EIO, f"could not write the training checkpoint {path} "
+                      f"({str(err).splitlines()[0]}; {free / 2**20:.1f} MiB free on its disk); the previous one is "
+                      "kept") from err  # fmt: skip
     finally:
         tmp.unlink(missing_ok=True)  # only left when interrupted mid-save
 
@@ -105,11 +112,13 @@ def train(
     show_progress: bool = True,
     checkpoint: bool = False,
     resume: bool = False,
+    reserve_bytes: int | None = None,
 ) -> TrainResult:
     """Train the preset's model on the corpus; record routing to `out` when given.
 
     checkpoint: save model, optimizer, step and RNG states to RUN.ckpt.pt at each interval end.
     resume: continue from that checkpoint, appending to `out` (README, "How resume works").
+    reserve_bytes: the Recorder's free-space reserve (None: its default; 0: no check).
     """
     torch.manual_seed(cfg.seed)
     dev = resolve_device(device)
@@ -138,7 +147,8 @@ def train(
     recorder = (
         Recorder(model, out, every=cfg.record_every, sample_tokens=cfg.sample_tokens,
                  config={"preset": cfg.to_dict(), "device": str(dev)}, overwrite=overwrite, resume=resume,
-                 resume_step=first - 1 if resume else None, config_may_differ=("preset.steps", "device"))  # fmt: skip
+                 resume_step=first - 1 if resume else None, config_may_differ=("preset.steps", "device"),
+                 reserve_bytes=reserve_bytes)  # fmt: skip
         if out is not None
         else None
     )

@@ -1,0 +1,544 @@
+"""Writing run files: `RunWriter` creates a file (or reopens one to resume) and appends one interval at a time.
+
+The layout is routescope.store's (DESIGN.md, "The file format"). A failed write must never leave a
+half-written interval, crash the process at exit or fail silently, so the writer (a) keeps a reserve of
+free space and stops cleanly before the disk fills, (b) writes data through no chunk cache and keeps
+its dataset handles open, so every HDF5 write error surfaces in the call that caused it (not in a
+destructor, where h5py can only print it), and (c) after a failed write, detaches the file (`_abandon`)
+so that it stays as the failure left it: readable up to its last complete interval, like a killed run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from routescope.schema import COMMON_TRACES, FAMILIES, Family, coordinate_values
+from routescope.store import (
+    ALL_TRACE_VARIABLES,
+    COMPRESS_MIN_BYTES,
+    COMPRESSION,
+    RUN_FIXED_SCALARS,
+    RUN_STATES,
+    SCHEMA_VERSION,
+    SMALL_CHUNK_BYTES,
+    LayerLayout,
+    RunFileError,
+    _dims_of,
+    _first_line,
+    _row_bytes,
+)
+
+RESERVE_MIN_BYTES = 1 << 20  # free space always kept: the final close's flush, with room to spare
+RESERVE_INTERVALS = 2  # ... plus this many of the largest intervals written so far (new chunks included)
+
+
+class DiskSpaceError(OSError):
+    """The writer stopped before the disk (or the file-size limit) could be reached: every written interval is complete."""
+
+
+class WriteFailedError(OSError):
+    """Writing an interval failed (the file is detached, `RunWriter._abandon`); one line naming the OS error."""
+
+    def __init__(self, path: Path, step: int, row: int, cause: BaseException) -> None:
+        code = getattr(cause, "errno", None)
+        if code is None:  # HDF5 reports the OS error inside its message: "..., errno = 28, error message = '...'"
+            found = re.search(r"errno = (\d+)", str(cause))
+            code = int(found.group(1)) if found else None
+        reason = os.strerror(code) if code else _first_line(cause)
+        super().__init__(code or errno.EIO, f"writing step {step} to {path} failed ({reason}); its {row} earlier "
+                         "intervals are intact and the file is closed")  # fmt: skip
+
+
+
+def _attr_value(value: Any) -> Any:
+    """Numbers stay numbers, strings (and str subclasses such as torch's version) become plain str, the rest JSON."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    return str(value) if isinstance(value, str) else json.dumps(value)
+
+
+def _create_growing(
+    group: h5py.Group, name: str, dims: tuple[str, ...], dtype: str, sizes: dict[str, int], rows_per_write: int = 1
+) -> h5py.Dataset:
+    """A dataset resizable along its first dimension, fixed elsewhere, chunked as COMPRESS_MIN_BYTES explains."""
+    row = tuple(sizes[d] for d in dims[1:])
+    dt = np.dtype(dtype)
+    write_bytes = rows_per_write * _row_bytes(row, dt.itemsize)
+    if write_bytes >= COMPRESS_MIN_BYTES:
+        rows, options = rows_per_write, COMPRESSION
+    else:
+        rows, options = max(rows_per_write, SMALL_CHUNK_BYTES // _row_bytes(row, dt.itemsize)), {}
+    # h5py cannot chunk a fixed dimension of size 0 (a depth-0 tree has no decision nodes).
+    maxshape = (None, *(s if s > 0 else None for s in row))
+    chunks = (rows, *(max(s, 1) for s in row))
+    fill = np.nan if dt.kind == "f" else -1 if name in ALL_TRACE_VARIABLES else 0
+    return group.create_dataset(name, shape=(0, *row), maxshape=maxshape, chunks=chunks, dtype=dt,
+                                fillvalue=fill, **options)  # fmt: skip
+
+
+def _make_coordinate(group: h5py.Group, name: str, values: np.ndarray | None = None) -> None:
+    """A netCDF dimension: a dimension-scale dataset named like the dimension (values = its labels)."""
+    if values is None:  # growing dimension
+        dset = group.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(SMALL_CHUNK_BYTES // 8,), dtype="i8")
+    else:
+        dset = group.create_dataset(name, data=values)
+    dset.make_scale(name)
+
+
+def _attach_dims(group: h5py.Group, dset: h5py.Dataset, dims: tuple[str, ...]) -> None:
+    for axis, dim in enumerate(dims):
+        dset.dims[axis].attach_scale(group[dim])
+
+
+class RunWriter:
+    """Creates a run file and appends one interval at a time; flushes after each (SWMR readers see it).
+
+    One group per layer family present (`tree`, `l1`, `moe`; routescope.schema), each with its own
+    `layer` dimension, plus `run` and (with sample_tokens > 0) `traces`.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        layers: list[LayerLayout],
+        attrs: dict[str, Any],
+        scalars: tuple[str, ...] = (),
+        sample_tokens: int = 0,
+        context: int = 32,
+        overwrite: bool = False,
+        resume: bool = False,
+        resume_step: int | None = None,
+        config_may_differ: tuple[str, ...] = (),
+        reserve_bytes: int | None = None,
+    ) -> None:
+        from routescope.lock import WriterLock
+
+        self.path = Path(path)
+        # Free space the writer never uses: None keeps RESERVE_MIN_BYTES plus RESERVE_INTERVALS of the largest
+        # interval so far; 0 switches the check off (a write can then meet a full disk).
+        self.reserve_bytes = reserve_bytes
+        self._largest_interval = 0  # bytes the file grew by in its largest interval so far
+        self.abandoned = False  # a write failed and the file was detached (`_abandon`)
+        self._dsets: dict[str, h5py.Dataset] = {}
+        self._lock = WriterLock(self.path).acquire()  # one writer per file: a second one fails here, at once
+        try:
+            self._init(layers, attrs, scalars, sample_tokens, context, overwrite, resume, resume_step, config_may_differ)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _init(self, layers: list[LayerLayout], attrs: dict[str, Any], scalars: tuple[str, ...], sample_tokens: int,
+              context: int, overwrite: bool, resume: bool, resume_step: int | None,
+              config_may_differ: tuple[str, ...]) -> None:  # fmt: skip
+        """Create the file (or reopen it to resume) while holding the writer lock."""
+        if self.path.exists() and not overwrite and not resume:
+            raise RunFileError(f"{self.path} already exists; choose another output path or pass overwrite")
+        unknown = sorted({layer.family for layer in layers} - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown layer family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
+        self.scalars = tuple(scalars)
+        self.layers = layers
+        self.families = {name: [lay for lay in layers if lay.family == name] for name in FAMILIES}
+        self.families = {name: group for name, group in self.families.items() if group}
+        self.group_sizes = {name: _group_sizes(group) for name, group in self.families.items()}
+        # `sizes`: the tree group's (empty when there is none), plus the traces' context length.
+        tree_layers = self.families.get("tree", [])
+        max_depth = max((layer.depth for layer in tree_layers), default=0)
+        sizes = {
+            "layer": len(tree_layers), "tree": max((layer.trees for layer in tree_layers), default=0),
+            "node": 2**max_depth - 1, "leaf": 2**max_depth, "level": max_depth + 1, "context": context,
+        }  # fmt: skip
+        self.sample_tokens = sample_tokens
+        self.sizes = sizes
+        # Where a resumed run continues: (last step, tokens_seen, elapsed_s) of its last complete interval.
+        self.resumed_from: tuple[int, int, float] | None = None
+        if resume:
+            self._reopen(layers, attrs, context, resume_step, config_may_differ)
+            return
+        self.file = h5py.File(self.path, "w", libver="latest", rdcc_nbytes=0)  # no chunk cache: module docstring
+        f = self.file
+        f.attrs.update(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "layers": json.dumps([{"name": layer.name, "family": layer.family, **layer.config} for layer in layers]),
+                **{k: _attr_value(v) for k, v in attrs.items()},
+            }
+        )
+        state = f.create_dataset("run_state", data=np.int8(0))
+        state.attrs.update({"flag_values": np.arange(len(RUN_STATES), dtype="i1"), "flag_meanings": " ".join(RUN_STATES)})
+
+        # A run without routed layers (a dense baseline) records the `run` group only.
+        for name, group in self.families.items():
+            self._create_family_group(FAMILIES[name], group, self.group_sizes[name])
+
+        run = f.create_group("run")
+        _make_coordinate(run, "step")
+        for name, dtype in {**RUN_FIXED_SCALARS, **{s: "f8" for s in self.scalars}}.items():
+            dset = _create_growing(run, name, ("step",), dtype, sizes)
+            _attach_dims(run, dset, ("step",))
+
+        self.trace_names: tuple[str, ...] = ()
+        if sample_tokens > 0 and layers:
+            self._create_traces_group(context)
+        f.swmr_mode = True  # every dataset exists by now: SWMR forbids creating more
+
+    def _reopen(self, layers: list[LayerLayout], attrs: dict[str, Any], context: int, resume_step: int | None,
+                config_may_differ: tuple[str, ...]) -> None:  # fmt: skip
+        """Resume: check the file records the same layers and settings, cut it to its complete rows, reopen for SWMR writing."""
+        from routescope.repair import clear_open_flags
+
+        p = self.path
+        if not p.exists():
+            raise RunFileError(f"{p}: no such file to resume; record a new run instead")
+        clear_open_flags(p)  # a killed writer left HDF5's open-for-write flags set (a clean file: no-op)
+        try:
+            f = h5py.File(p, "r+", libver="latest", rdcc_nbytes=0)
+        except OSError as err:  # e.g. HDF5's own lock, held by a plain (non-SWMR) reader
+            raise RunFileError(f"cannot reopen {p} to resume it ({_first_line(err)}); close the programs reading it") from None
+        self.file = f
+        try:
+            _check_same_run(f, p, layers, attrs, self.scalars, config_may_differ)
+            rows = _complete_rows(f, resume_step)
+            _truncate(f, rows)
+            if rows:
+                run = f["run"]
+                self.resumed_from = (int(run["step"][rows - 1]), int(run["tokens_seen"][rows - 1]),
+                                     float(run["elapsed_s"][rows - 1]))  # fmt: skip
+            history = json.loads(f.attrs.get("resumed", "[]"))
+            history.append({"after_step": self.resumed_from[0] if self.resumed_from else 0,
+                            "at": attrs.get("created", "")})  # fmt: skip
+            f.attrs["resumed"] = json.dumps(history)
+            if "config" in attrs:
+                f.attrs["config"] = _attr_value(attrs["config"])  # the new end (steps) of the resumed run
+            f["run_state"][()] = np.int8(0)
+            self.trace_names = tuple(n for n in _trace_variable_names(self.families)) if "traces" in f else ()
+            f.swmr_mode = True
+        except BaseException:
+            f.close()
+            raise
+
+    def _create_family_group(self, family: Family, layers: list[LayerLayout], sizes: dict[str, int]) -> None:
+        group = self.file.create_group(family.name)
+        group.attrs["layers"] = json.dumps([{"name": layer.name, "family": layer.family, **layer.config} for layer in layers])
+        _make_coordinate(group, "step")
+        for dim in ("layer", *family.stat_dims):
+            _make_coordinate(group, dim, coordinate_values(dim, sizes[dim]))
+        layer_sets = [group.create_dataset("layer_name", data=[layer.name for layer in layers], dtype=h5py.string_dtype())]
+        for name, (key, dtype, meaning) in family.layer_vars.items():
+            values = [np.nan if layer.value(key) is None else layer.value(key) for layer in layers]
+            layer_sets.append(group.create_dataset(name, data=np.array(values, dtype=dtype)))
+            layer_sets[-1].attrs["long_name"] = meaning
+        for dset in layer_sets:
+            _attach_dims(group, dset, ("layer",))
+        for name, var in family.group_variables().items():
+            dset = _create_growing(group, name, var.dims, var.dtype, sizes)
+            dset.attrs["long_name"] = var.meaning
+            _attach_dims(group, dset, var.dims)
+        if "bin" in family.stat_dims:  # the fixed histogram bins, as edges (bin b: [edges[b], edges[b+1]))
+            group["active_hist"].attrs["bin_edges"] = coordinate_values("bin", sizes["bin"] + 1)
+
+    def _create_traces_group(self, context: int) -> None:
+        traces = self.file.create_group("traces")
+        _make_coordinate(traces, "sample")
+        variables = dict(COMMON_TRACES)
+        sizes: dict[str, int] = {"sample": 0, "context": context}
+        for name, group in self.families.items():
+            family = FAMILIES[name]
+            sizes[family.trace_layer_dim] = len(group)
+            sizes.update({dim: self.group_sizes[name][dim] for dim in family.trace_dims})
+            variables.update(family.traces)
+        for dim in dict.fromkeys(d for v in variables.values() for d in v.dims[1:]):
+            _make_coordinate(traces, dim, np.arange(sizes[dim]))
+        for name, var in variables.items():
+            dset = _create_growing(traces, name, var.dims, var.dtype, sizes, rows_per_write=self.sample_tokens)
+            dset.attrs["long_name"] = var.meaning
+            _attach_dims(traces, dset, var.dims)
+        self.trace_names = tuple(variables)
+
+    @property
+    def intervals(self) -> int:
+        return self._dset("run/step").shape[0]
+
+    def _dset(self, name: str) -> h5py.Dataset:
+        """A dataset by path, its handle kept open for the run: closing one can flush it, and an error there
+        would only be printed by h5py's destructor, never raised (a full disk would then go unnoticed)."""
+        dset = self._dsets.get(name)
+        if dset is None:
+            dset = self._dsets[name] = self.file[name]
+        return dset
+
+    def append_interval(
+        self,
+        step: int,
+        tree: dict[str, np.ndarray] | None,
+        scalars: dict[str, float],
+        traces: dict[str, np.ndarray] | None = None,
+        groups: dict[str, dict[str, np.ndarray]] | None = None,
+    ) -> None:
+        """Append one interval. `groups` maps each family group to {variable: row (layer, ...)} as in
+        routescope.schema; `tree` is the tree group's rows (shorthand for groups["tree"]).
+
+        Raises DiskSpaceError before writing anything when less than the reserve is free; any error while
+        writing detaches the file (`_abandon`) and is re-raised: the writer takes no more intervals.
+        """
+        if self.abandoned:
+            raise RunFileError(f"{self.path}: an earlier write failed; this writer takes no more intervals")
+        groups = {**({"tree": tree} if tree is not None else {}), **(groups or {})}
+        row = self.intervals
+        if row and step <= int(self._dset("run/step")[row - 1]):
+            raise ValueError(f"steps must increase: {step} after {int(self._dset('run/step')[row - 1])}")
+        self._check_space()
+        size = self._file_size()
+        try:
+            self._append(row, step, groups, scalars, traces)
+        except BaseException as err:
+            self._abandon()
+            if isinstance(err, Exception):
+                raise WriteFailedError(self.path, step, row, err) from err
+            raise
+        self._largest_interval = max(self._largest_interval, self._file_size() - size)
+
+    def _append(self, row: int, step: int, groups: dict[str, dict[str, np.ndarray]], scalars: dict[str, float],
+                traces: dict[str, np.ndarray] | None) -> None:  # fmt: skip
+        f = self.file
+        for name in self.families:
+            for var, v in FAMILIES[name].group_variables().items():
+                if var not in f[name]:  # a resumed older file lacks variables added since (`optional`)
+                    continue
+                dset = self._dset(f"{name}/{var}")
+                _append_row(dset, row, groups[name][var] if var in groups[name] or not v.optional
+                            else np.zeros(dset.shape[1:], dset.dtype))  # an optional variable not given: zeros
+        for name in f["run"]:
+            if name != "step":
+                dset = self._dset(f"run/{name}")
+                _append_row(dset, row, scalars.get(name, np.nan if dset.dtype.kind == "f" else -1))
+        coords = [(self._dset(f"{group}/step"), row, step) for group in (*self.families, "run")]
+        if traces is not None and "traces" in f:
+            first = self._dset("traces/sample").shape[0]
+            count = len(traces["sample_step"])
+            for name in self.trace_names:
+                _append_rows(self._dset(f"traces/{name}"), first, traces[name])
+            coords.append((self._dset("traces/sample"), first, np.arange(first, first + count)))
+        for dset, at, value in coords:  # coordinates last: they make the rows visible
+            _append_rows(dset, at, np.atleast_1d(value))
+        f.flush()
+
+    # ------------------------------------------------------------------ running out of space
+    def _file_size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
+
+    def _check_space(self) -> None:
+        """Raise DiskSpaceError (nothing written yet) when the disk, or the process's file-size limit
+        (`ulimit -f`), leaves less room for this file than the reserve."""
+        if self.reserve_bytes == 0:
+            return
+        reserve = self.reserve_bytes or RESERVE_MIN_BYTES + RESERVE_INTERVALS * self._largest_interval
+        room, where = shutil.disk_usage(self.path.parent).free, "free on its disk"
+        limit = _file_size_limit()
+        if limit is not None and limit - self._file_size() < room:
+            room, where = max(0, limit - self._file_size()), "left under this process's file-size limit (ulimit -f)"
+        if room < reserve:
+            raise DiskSpaceError(errno.ENOSPC, f"only {_mib(room)} {where}: the writer stopped before the "
+                                 f"last {_mib(reserve)} (its reserve), so every interval written is complete")  # fmt: skip
+
+    def _abandon(self) -> None:
+        """Detach the file after a failed write: HDF5's descriptor is pointed at an anonymous scratch file,
+        then the file is closed. HDF5's remaining writes (its dirty metadata, which may fail again) go to the
+        scratch file, so the close cannot fail or crash, and the file on disk stays as the failure left it:
+        like a killed run's, readable up to its last complete interval."""
+        self.abandoned = True
+        self._dsets.clear()
+        if not self.file.id.valid:
+            return
+        try:
+            fd = self.file.id.get_vfd_handle()
+            with tempfile.TemporaryFile() if not hasattr(os, "memfd_create") else os.fdopen(
+                    os.memfd_create("routescope-detached"), "w+b") as scratch:  # fmt: skip
+                os.dup2(scratch.fileno(), fd)
+        except (OSError, ValueError):  # no descriptor to redirect (not the default driver): close as it is
+            pass
+        try:
+            self.file.close()
+        except Exception:  # noqa: BLE001 - the write error being raised already says what went wrong
+            pass
+
+    def close(self, state: str = "finished") -> None:
+        """Record the final run state, close the file and release the writer lock (idempotent).
+
+        After a failed write (`abandoned`) the state is recorded only where that is still possible
+        (`_mark_detached`). A close that fails detaches the file as a failed write does, then raises.
+        """
+        try:
+            if self.abandoned:
+                if self._lock.held:  # the first close of a detached file (still ours: no other writer yet)
+                    _mark_detached(self.path, state)
+                return
+            if not self.file.id.valid:
+                return
+            try:
+                self._dset("run_state")[()] = np.int8(RUN_STATES.index(state))
+                self._dsets.clear()
+                self.file.flush()
+                self.file.close()
+            except BaseException:
+                self._abandon()
+                raise
+        finally:
+            if self._lock.held:
+                self._lock.release()
+
+
+def _trace_variable_names(families: dict[str, list[LayerLayout]]) -> list[str]:
+    """The trace variables a run with these family groups has, in the order the writer creates them."""
+    names = dict.fromkeys(COMMON_TRACES)
+    for name in families:
+        names.update(dict.fromkeys(FAMILIES[name].traces))
+    return list(names)
+
+
+def _first_difference(old: Any, new: Any, ignore: tuple[str, ...], prefix: str = "") -> str | None:
+    """The first dotted key where two JSON values differ (keys in `ignore` skipped), or None."""
+    if prefix.rstrip(".") in ignore:
+        return None
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = _first_difference(old.get(key), new.get(key), ignore, f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{prefix.rstrip('.') or 'value'}: {old!r} in the file, {new!r} now"
+
+
+def _check_same_run(f: h5py.File, p: Path, layers: list[LayerLayout], attrs: dict[str, Any], scalars: tuple[str, ...],
+                    config_may_differ: tuple[str, ...]) -> None:  # fmt: skip
+    """Refuse to resume a run recorded with other layers or settings (one line naming the first difference)."""
+    if "schema_version" not in f.attrs or "run" not in f:
+        raise RunFileError(f"{p} is not a routescope run file; cannot resume it")
+    old_layers = json.loads(f.attrs.get("layers", "[]"))
+    new_layers = [{"name": layer.name, "family": layer.family, **layer.config} for layer in layers]
+    if [d["name"] for d in old_layers] != [d["name"] for d in new_layers]:
+        raise RunFileError(f"cannot resume {p}: its layers are {[d['name'] for d in old_layers]}, "
+                           f"the model's are {[d['name'] for d in new_layers]}")  # fmt: skip
+    for old, new in zip(old_layers, new_layers):
+        diff = _first_difference(json.loads(json.dumps(old)), json.loads(json.dumps(new)), ())
+        if diff:
+            raise RunFileError(f"cannot resume {p}: layer {old['name']} differs ({diff})")
+    for key in ("record_every", "sample_tokens"):
+        if key in attrs and key in f.attrs and int(f.attrs[key]) != int(attrs[key]):
+            raise RunFileError(f"cannot resume {p}: {key} is {int(f.attrs[key])} in the file, {attrs[key]} now")
+    if "config" in attrs and "config" in f.attrs:
+        diff = _first_difference(json.loads(f.attrs["config"]), json.loads(attrs["config"]) if isinstance(attrs["config"], str)
+                                 else json.loads(json.dumps(attrs["config"])), config_may_differ)  # fmt: skip
+        if diff:
+            raise RunFileError(f"cannot resume {p}: its configuration differs ({diff})")
+    for layer in layers:  # a file from a routescope whose schema lacked a variable this one writes
+        missing = [v for v in FAMILIES[layer.family].group_variables() if f"{layer.family}/{v}" not in f]
+        if missing:
+            raise RunFileError(f"cannot resume {p}: it has no {layer.family}/{missing[0]} (recorded by an older "
+                               "routescope); record a new run")  # fmt: skip
+    expected = set(RUN_FIXED_SCALARS) | set(scalars) | {"step"}
+    if set(f["run"]) != expected:
+        raise RunFileError(f"cannot resume {p}: it records scalars {sorted(set(f['run']) - {'step'})}, "
+                           f"the recorder {sorted(expected - {'step'})}")  # fmt: skip
+
+
+def _step_groups(f: h5py.File) -> list[h5py.Group]:
+    return [f[name] for name in (*FAMILIES, "run") if name in f]
+
+
+def _growing(group: h5py.Group, dim: str) -> list[h5py.Dataset]:
+    return [d for d in group.values() if d.ndim >= 1 and _dims_of(d)[:1] == (dim,)]
+
+
+def _complete_rows(f: h5py.File, resume_step: int | None) -> int:
+    """Intervals every variable of every group has (a kill can leave some one row longer), cut to steps <= resume_step."""
+    rows = min(d.shape[0] for g in _step_groups(f) for d in _growing(g, "step"))
+    if resume_step is not None:
+        rows = int(np.searchsorted(f["run/step"][:rows], resume_step, side="right"))
+    return rows
+
+
+def _truncate(f: h5py.File, rows: int) -> None:
+    """Cut every step-growing variable to `rows`, and the traces to the samples of the kept steps."""
+    for group in _step_groups(f):
+        for dset in _growing(group, "step"):
+            dset.resize(rows, axis=0)
+    if "traces" in f:
+        traces = _growing(f["traces"], "sample")
+        samples = min(d.shape[0] for d in traces)
+        last = int(f["run/step"][rows - 1]) if rows else -1
+        sample_step = f["traces/sample_step"][:samples]
+        samples = int(np.count_nonzero(sample_step <= last)) if len(sample_step) else 0
+        for dset in traces:
+            dset.resize(samples, axis=0)
+
+
+def _group_sizes(layers: list[LayerLayout]) -> dict[str, int]:
+    """A family group's dimension sizes: its layer count and, per dimension, the largest layer's size."""
+    sizes: dict[str, int] = {"layer": len(layers)}
+    for layer in layers:
+        for dim, size in layer.sizes.items():
+            sizes[dim] = max(sizes.get(dim, 0), size)
+    return sizes
+
+
+def _append_row(dset: h5py.Dataset, row: int, value: Any) -> None:
+    _append_rows(dset, row, np.asarray(value, dtype=dset.dtype)[None])
+
+
+def _append_rows(dset: h5py.Dataset, first: int, values: np.ndarray) -> None:
+    values = np.asarray(values)
+    dset.resize(first + values.shape[0], axis=0)
+    dset[first : first + values.shape[0]] = values
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _file_size_limit() -> int | None:
+    """The soft RLIMIT_FSIZE in bytes, or None where there is none (or no `resource` module)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _mark_detached(path: Path, state: str) -> None:
+    """Best effort after a failed write: clear the open-for-write flags and record `state` in the detached
+    file. Both write in place (no new space); where either fails, the file stays as a killed run's is,
+    readable with routescope and fixable with `routescope repair`."""
+    from routescope.repair import clear_open_flags
+
+    try:
+        clear_open_flags(path)
+        f = h5py.File(path, "r+", rdcc_nbytes=0)
+    except (OSError, RunFileError):
+        return
+    try:
+        f["run_state"][()] = np.int8(RUN_STATES.index(state))
+        f.close()
+    except Exception:  # noqa: BLE001 - best effort: detach this handle too, never crash at exit
+        try:
+            with tempfile.TemporaryFile() as scratch:
+                os.dup2(scratch.fileno(), f.id.get_vfd_handle())
+            f.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
