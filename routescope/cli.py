@@ -61,6 +61,8 @@ def record(
                                                    "to --steps; README: How resume works.")] = None,  # fmt: skip
     reserve_mib: Annotated[Optional[float], typer.Option("--reserve-mib", min=0, help="Free space (MiB) to leave on "
                            "OUT's disk: with less, recording stops cleanly (default: 1 MiB + 2 intervals; 0: off).")] = None,
+    fsync: Annotated[bool, typer.Option("--fsync", help="Sync each interval to the disk (survives a power loss, "
+                                        "not only a killed process).")] = False,
 ) -> None:
     """Train a preset on the embedded Shakespeare corpus and record its routing to an HDF5 run file."""
     from routescope.trainers.presets import PRESETS, get_preset
@@ -96,7 +98,7 @@ def record(
     try:
         reserve = None if reserve_mib is None else int(reserve_mib * 2**20)
         result = train(cfg, out=out, device=device, overwrite=overwrite, checkpoint=True, resume=resume is not None,
-                       reserve_bytes=reserve)  # fmt: skip
+                       reserve_bytes=reserve, fsync=fsync)  # fmt: skip
     except KeyboardInterrupt:
         fail(f"interrupted; {out} holds every interval recorded so far (marked 'interrupted'); "
              f"continue it with `routescope record --resume {out}`")  # fmt: skip

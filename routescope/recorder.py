@@ -75,7 +75,9 @@ class Recorder:
     no-ops so that training goes on without recording. Rows flushed before the failure stay intact.
     reserve_bytes: free space the recorder leaves on the file's disk (and under `ulimit -f`): with less,
     it stops as on a failed write, before HDF5 can meet a full disk. None: 1 MiB plus two of the
-    largest intervals so far; 0: no check (README, "Disk full").
+    largest intervals so far; 0: no check (README, "Disk full"). fsync: after each interval's flush,
+    wait until the OS has written it to the disk, so that it survives a power loss or kernel crash too
+    (a flush alone survives a killed process); costs a disk sync per interval, in the writer thread.
     resume: append to an existing run from its last complete interval (README, "How resume works"):
     `global_step`, tokens_seen and elapsed_s continue; a file recording other layers, `every`,
     `sample_tokens` or `config` (keys in `config_may_differ`, dotted, excepted) is refused with
@@ -101,6 +103,7 @@ class Recorder:
         resume_step: int | None = None,
         config_may_differ: tuple[str, ...] = (),
         reserve_bytes: int | None = None,
+        fsync: bool = False,
     ) -> None:
         if every < 1:
             raise ValueError("every must be >= 1")
@@ -123,6 +126,7 @@ class Recorder:
         if reserve_bytes is not None and reserve_bytes < 0:
             raise ValueError(f"reserve_bytes must be >= 0 (0: no free-space check), got {reserve_bytes}")
         self.reserve_bytes = reserve_bytes
+        self.fsync = fsync
         self.global_step = 0
         self._generator = torch.Generator().manual_seed(seed)
         self._writer: RunWriter | None = None
@@ -165,7 +169,7 @@ class Recorder:
         def make() -> RunWriter:
             return RunWriter(self.path, layouts, attrs, scalars=self.scalar_names, sample_tokens=self.sample_tokens,
                              context=self.context, overwrite=self.overwrite, reserve_bytes=self.reserve_bytes,
-                             **resume)  # fmt: skip
+                             fsync=self.fsync, **resume)  # fmt: skip
 
         # Only rank 0 writes; every rank learns whether it could open the file and where a resumed run goes on.
         writer, resumed = distributed.open_on_writer(make, lambda w: w.resumed_from)

@@ -120,6 +120,7 @@ class RunWriter:
         resume_step: int | None = None,
         config_may_differ: tuple[str, ...] = (),
         reserve_bytes: int | None = None,
+        fsync: bool = False,
     ) -> None:
         from routescope.lock import WriterLock
 
@@ -127,6 +128,7 @@ class RunWriter:
         # Free space the writer never uses: None keeps RESERVE_MIN_BYTES plus RESERVE_INTERVALS of the largest
         # interval so far; 0 switches the check off (a write can then meet a full disk).
         self.reserve_bytes = reserve_bytes
+        self.fsync = fsync  # after each interval's flush, make the OS write it to the disk (survives a power loss)
         self._largest_interval = 0  # bytes the file grew by in its largest interval so far
         self.abandoned = False  # a write failed and the file was detached (`_abandon`)
         self._dsets: dict[str, h5py.Dataset] = {}
@@ -332,6 +334,8 @@ class RunWriter:
         for dset, at, value in coords:  # coordinates last: they make the rows visible
             _append_rows(dset, at, np.atleast_1d(value))
         f.flush()
+        if self.fsync:
+            os.fsync(f.id.get_vfd_handle())
 
     # ------------------------------------------------------------------ running out of space
     def _file_size(self) -> int:

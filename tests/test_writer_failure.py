@@ -322,3 +322,25 @@ def test_record_command_on_a_full_disk_then_resume(tmp_path: Path) -> None:
     steps = ds["step"].values
     assert ds.attrs["run_state"] == "finished" and steps[-1] == rows + 20 and np.all(np.diff(steps) > 0)
     assert check_tree_invariants(path) == len(steps)
+
+
+def test_fsync_syncs_the_run_file_after_every_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync=True: one os.fsync of the run file's own descriptor per interval, after its rows are flushed
+    (so that what a power loss keeps is a complete interval); fsync=False: none."""
+    import os
+
+    synced: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(writer.os, "fsync", fsync)
+    for flag, path in ((False, tmp_path / "plain.h5"), (True, tmp_path / "synced.h5")):
+        synced.clear()
+        model = Tiny()
+        with Recorder(model, path, every=2, sample_tokens=0, fsync=flag) as rec:
+            train_until_error(rec, model, 7)  # intervals end at steps 2, 4, 6 and (close) 7
+        inode = path.stat().st_ino
+        assert synced.count(inode) == (4 if flag else 0), (flag, synced)

@@ -70,8 +70,9 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
 
 
 def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, step: int,
-                    generator: torch.Generator, val: float, initial_val: float) -> None:  # fmt: skip
-    """Write model, optimizer, step and RNG states atomically (a temp file, then os.replace)."""
+                    generator: torch.Generator, val: float, initial_val: float, fsync: bool = False) -> None:  # fmt: skip
+    """Write model, optimizer, step and RNG states atomically (a temp file, then os.replace); with fsync,
+    synced to the disk (file, then folder) so that the checkpoint survives a power loss as well."""
     state = {
         "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "data_rng": generator.get_state(), "torch_rng": torch.get_rng_state(),
@@ -81,7 +82,11 @@ def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, st
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(state, tmp)
+        if fsync:
+            _sync(tmp)
         os.replace(tmp, path)
+        if fsync:
+            _sync(path.parent)
     except (OSError, RuntimeError) as err:  # a full disk reaches torch.save as "RuntimeError: ... iostream error"
         free = shutil.disk_usage(path.parent).free
         raise OSError(errno.ENOSPC if free < 2**20 else errno.EIO, f"could not write the training checkpoint {path} "
@@ -89,6 +94,15 @@ def save_checkpoint(path: Path, model: GPT, optimizer: torch.optim.Optimizer, st
                       "kept") from err  # fmt: skip
     finally:
         tmp.unlink(missing_ok=True)  # only left when interrupted mid-save
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or a folder (a folder: so that a rename in it is on the disk too)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @torch.no_grad()
@@ -113,12 +127,13 @@ def train(
     checkpoint: bool = False,
     resume: bool = False,
     reserve_bytes: int | None = None,
+    fsync: bool = False,
 ) -> TrainResult:
     """Train the preset's model on the corpus; record routing to `out` when given.
 
     checkpoint: save model, optimizer, step and RNG states to RUN.ckpt.pt at each interval end.
     resume: continue from that checkpoint, appending to `out` (README, "How resume works").
-    reserve_bytes: the Recorder's free-space reserve (None: its default; 0: no check).
+    reserve_bytes: the Recorder's free-space reserve (None: its default; 0: no check). fsync: the Recorder's.
     """
     torch.manual_seed(cfg.seed)
     dev = resolve_device(device)
@@ -148,7 +163,7 @@ def train(
         Recorder(model, out, every=cfg.record_every, sample_tokens=cfg.sample_tokens,
                  config={"preset": cfg.to_dict(), "device": str(dev)}, overwrite=overwrite, resume=resume,
                  resume_step=first - 1 if resume else None, config_may_differ=("preset.steps", "device"),
-                 reserve_bytes=reserve_bytes)  # fmt: skip
+                 reserve_bytes=reserve_bytes, fsync=fsync)  # fmt: skip
         if out is not None
         else None
     )
@@ -186,7 +201,7 @@ def train(
             if rec is not None:
                 rec.step(loss=loss, token_ids=x, lr=lr)
             if checkpoint and ckpt is not None and (step % cfg.record_every == 0 or step == cfg.steps):
-                save_checkpoint(ckpt, model, optimizer, step, generator, val, initial_val)
+                save_checkpoint(ckpt, model, optimizer, step, generator, val, initial_val, fsync=fsync)
             if step % LOG_EVERY == 0 or step == cfg.steps:
                 train_loss = loss.item()
                 rate = (step - first + 1) * tokens_per_step / (time.perf_counter() - start)
