@@ -160,15 +160,18 @@ SWEEP = [  # block_m, block_k, block_o, sub_levels, num_warps, num_stages
 ]
 
 
+def sweep_inputs(d: int, depth: int, n: int = 16384) -> tuple:
+    """A sweep's inputs at one shape: n, x, dy, the tree's w, b, u (no grad) and fresh statistics buffers."""
+    x = torch.randn(n, d, device="cuda", dtype=DTYPE)
+    w, b, u = tree_params(d, depth, requires_grad=False)
+    return n, x, torch.randn_like(x), w, b, u, new_tree_stats(1, depth, device="cuda")
+
+
 def sweep(console: Console) -> list[dict]:
     """Forward, forward with recording, and backward alone at 16k tokens for each tile choice."""
     rows = []
     for d, depth in SHAPES:
-        n = 16384
-        x = torch.randn(n, d, device="cuda", dtype=DTYPE)
-        dy = torch.randn_like(x)
-        w, b, u = tree_params(d, depth, requires_grad=False)
-        stats = new_tree_stats(1, depth, device="cuda")
+        n, x, dy, w, b, u, stats = sweep_inputs(d, depth)
         for tiles in SWEEP:
             cfg = tt.KernelConfig(*tiles)
             try:
@@ -197,11 +200,7 @@ def register_sweep(console: Console) -> list[dict]:
     Each capped result is checked against the uncapped one (a cap must not change any output)."""
     rows = []
     for d, depth in SHAPES:
-        n = 16384
-        x = torch.randn(n, d, device="cuda", dtype=DTYPE)
-        dy = torch.randn_like(x)
-        w, b, u = tree_params(d, depth, requires_grad=False)
-        stats = new_tree_stats(1, depth, device="cuda")
+        n, x, dy, w, b, u, stats = sweep_inputs(d, depth)
         base_f, base_b = tt.default_config(n, d, d, depth), tt.default_config(n, d, d, depth, backward=True)
         with torch.no_grad():
             ref = tt.tree_forward(x, w, b, u, depth, config=base_f)

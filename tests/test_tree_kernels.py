@@ -7,6 +7,7 @@ are fresh random draws each run; the seed is in every failure message.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -213,3 +214,21 @@ def test_leaf_to_path_is_the_heap_path() -> None:
     assert torch.equal(path[:, 0, -1], leaf[:, 0] + 2**depth - 1)  # the leaf's heap index
     parent, child = path[:, 0, :-1], path[:, 0, 1:]
     assert torch.all((child == 2 * parent + 1) | (child == 2 * parent + 2))
+
+
+def test_register_cap_reaches_the_gpu_launch_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_registers becomes Triton's `maxnreg` launch option on the GPU; the interpreter, which has no
+    registers, never sees it (and a capped config runs there unchanged)."""
+    capped = tt.KernelConfig(block_m=16, block_k=16, block_o=16, sub_levels=2, num_warps=1, num_stages=1, max_registers=80)
+    assert capped.launch_options() == {"num_warps": 1}  # conftest runs the suite interpreted
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert capped.launch_options() == {"num_warps": 1, "maxnreg": 80}
+    assert tt.KernelConfig().launch_options() == {"num_warps": 4}
+    assert tt.default_config(16384, 768, 768, 11).max_registers == 96  # the forward's GPU default (BENCHMARKS run 8)
+    assert tt.default_config(16384, 768, 768, 11, backward=True).max_registers is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(3)
+    x, w, b, u = torch.randn(20, 8), torch.randn(1, 15, 8), torch.randn(1, 15), torch.randn(1, 15, 8)
+    plain = tt.tree_forward(x, w, b, u, 3, config=dataclasses.replace(capped, max_registers=None))
+    res = tt.tree_forward(x, w, b, u, 3, config=capped)
+    assert torch.equal(res.leaf, plain.leaf) and torch.equal(res.y, plain.y)
