@@ -148,7 +148,8 @@ def train(
         if ckpt is None or not ckpt.exists():
             raise ValueError(f"cannot resume: no training checkpoint {ckpt} (runs recorded before resume support, "
                              "or with checkpoints off, cannot continue training)")  # fmt: skip
-        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights and optimizer state to dev.
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if state["step"] >= cfg.steps:
             raise ValueError(f"cannot resume: the checkpoint is at step {state['step']}, not before the end "
                              f"({cfg.steps}); pass --steps N with N > {state['step']}")  # fmt: skip
