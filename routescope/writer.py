@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from routescope.resume import check_same_run, complete_rows, truncate
 from routescope.schema import COMMON_TRACES, FAMILIES, Family, coordinate_values
 from routescope.store import (
     ALL_TRACE_VARIABLES,
@@ -33,31 +33,13 @@ from routescope.store import (
     SMALL_CHUNK_BYTES,
     LayerLayout,
     RunFileError,
-    _dims_of,
     _first_line,
     _row_bytes,
 )
+from routescope.write_errors import DiskSpaceError, WriteFailedError, file_size_limit, mark_detached, mib
 
 RESERVE_MIN_BYTES = 1 << 20  # free space always kept: the final close's flush, with room to spare
 RESERVE_INTERVALS = 2  # ... plus this many of the largest intervals written so far (new chunks included)
-
-
-class DiskSpaceError(OSError):
-    """The writer stopped before the disk (or the file-size limit) could be reached: every written interval is complete."""
-
-
-class WriteFailedError(OSError):
-    """Writing an interval failed (the file is detached, `RunWriter._abandon`); one line naming the OS error."""
-
-    def __init__(self, path: Path, step: int, row: int, cause: BaseException) -> None:
-        code = getattr(cause, "errno", None)
-        if code is None:  # HDF5 reports the OS error inside its message: "..., errno = 28, error message = '...'"
-            found = re.search(r"errno = (\d+)", str(cause))
-            code = int(found.group(1)) if found else None
-        reason = os.strerror(code) if code else _first_line(cause)
-        super().__init__(code or errno.EIO, f"writing step {step} to {path} failed ({reason}); its {row} earlier "
-                         "intervals are intact and the file is closed")  # fmt: skip
-
 
 
 def _attr_value(value: Any) -> Any:
@@ -209,9 +191,9 @@ class RunWriter:
             raise RunFileError(f"cannot reopen {p} to resume it ({_first_line(err)}); close the programs reading it") from None
         self.file = f
         try:
-            _check_same_run(f, p, layers, attrs, self.scalars, config_may_differ)
-            rows = _complete_rows(f, resume_step)
-            _truncate(f, rows)
+            check_same_run(f, p, layers, attrs, self.scalars, config_may_differ)
+            rows = complete_rows(f, resume_step)
+            truncate(f, rows)
             if rows:
                 run = f["run"]
                 self.resumed_from = (int(run["step"][rows - 1]), int(run["tokens_seen"][rows - 1]),
@@ -351,12 +333,12 @@ class RunWriter:
             return
         reserve = self.reserve_bytes or RESERVE_MIN_BYTES + RESERVE_INTERVALS * self._largest_interval
         room, where = shutil.disk_usage(self.path.parent).free, "free on its disk"
-        limit = _file_size_limit()
+        limit = file_size_limit()
         if limit is not None and limit - self._file_size() < room:
             room, where = max(0, limit - self._file_size()), "left under this process's file-size limit (ulimit -f)"
         if room < reserve:
-            raise DiskSpaceError(errno.ENOSPC, f"only {_mib(room)} {where}: the writer stopped before the "
-                                 f"last {_mib(reserve)} (its reserve), so every interval written is complete")  # fmt: skip
+            raise DiskSpaceError(errno.ENOSPC, f"only {mib(room)} {where}: the writer stopped before the "
+                                 f"last {mib(reserve)} (its reserve), so every interval written is complete")  # fmt: skip
 
     def _abandon(self) -> None:
         """Detach the file after a failed write: HDF5's descriptor is pointed at an anonymous scratch file,
@@ -388,7 +370,7 @@ class RunWriter:
         try:
             if self.abandoned:
                 if self._lock.held:  # the first close of a detached file (still ours: no other writer yet)
-                    _mark_detached(self.path, state)
+                    mark_detached(self.path, state)
                 return
             if not self.file.id.valid:
                 return
@@ -413,83 +395,6 @@ def _trace_variable_names(families: dict[str, list[LayerLayout]]) -> list[str]:
     return list(names)
 
 
-def _first_difference(old: Any, new: Any, ignore: tuple[str, ...], prefix: str = "") -> str | None:
-    """The first dotted key where two JSON values differ (keys in `ignore` skipped), or None."""
-    if prefix.rstrip(".") in ignore:
-        return None
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            found = _first_difference(old.get(key), new.get(key), ignore, f"{prefix}{key}.")
-            if found:
-                return found
-        return None
-    return None if old == new else f"{prefix.rstrip('.') or 'value'}: {old!r} in the file, {new!r} now"
-
-
-def _check_same_run(f: h5py.File, p: Path, layers: list[LayerLayout], attrs: dict[str, Any], scalars: tuple[str, ...],
-                    config_may_differ: tuple[str, ...]) -> None:  # fmt: skip
-    """Refuse to resume a run recorded with other layers or settings (one line naming the first difference)."""
-    if "schema_version" not in f.attrs or "run" not in f:
-        raise RunFileError(f"{p} is not a routescope run file; cannot resume it")
-    old_layers = json.loads(f.attrs.get("layers", "[]"))
-    new_layers = [{"name": layer.name, "family": layer.family, **layer.config} for layer in layers]
-    if [d["name"] for d in old_layers] != [d["name"] for d in new_layers]:
-        raise RunFileError(f"cannot resume {p}: its layers are {[d['name'] for d in old_layers]}, "
-                           f"the model's are {[d['name'] for d in new_layers]}")  # fmt: skip
-    for old, new in zip(old_layers, new_layers):
-        diff = _first_difference(json.loads(json.dumps(old)), json.loads(json.dumps(new)), ())
-        if diff:
-            raise RunFileError(f"cannot resume {p}: layer {old['name']} differs ({diff})")
-    for key in ("record_every", "sample_tokens"):
-        if key in attrs and key in f.attrs and int(f.attrs[key]) != int(attrs[key]):
-            raise RunFileError(f"cannot resume {p}: {key} is {int(f.attrs[key])} in the file, {attrs[key]} now")
-    if "config" in attrs and "config" in f.attrs:
-        diff = _first_difference(json.loads(f.attrs["config"]), json.loads(attrs["config"]) if isinstance(attrs["config"], str)
-                                 else json.loads(json.dumps(attrs["config"])), config_may_differ)  # fmt: skip
-        if diff:
-            raise RunFileError(f"cannot resume {p}: its configuration differs ({diff})")
-    for layer in layers:  # a file from a routescope whose schema lacked a variable this one writes
-        missing = [v for v in FAMILIES[layer.family].group_variables() if f"{layer.family}/{v}" not in f]
-        if missing:
-            raise RunFileError(f"cannot resume {p}: it has no {layer.family}/{missing[0]} (recorded by an older "
-                               "routescope); record a new run")  # fmt: skip
-    expected = set(RUN_FIXED_SCALARS) | set(scalars) | {"step"}
-    if set(f["run"]) != expected:
-        raise RunFileError(f"cannot resume {p}: it records scalars {sorted(set(f['run']) - {'step'})}, "
-                           f"the recorder {sorted(expected - {'step'})}")  # fmt: skip
-
-
-def _step_groups(f: h5py.File) -> list[h5py.Group]:
-    return [f[name] for name in (*FAMILIES, "run") if name in f]
-
-
-def _growing(group: h5py.Group, dim: str) -> list[h5py.Dataset]:
-    return [d for d in group.values() if d.ndim >= 1 and _dims_of(d)[:1] == (dim,)]
-
-
-def _complete_rows(f: h5py.File, resume_step: int | None) -> int:
-    """Intervals every variable of every group has (a kill can leave some one row longer), cut to steps <= resume_step."""
-    rows = min(d.shape[0] for g in _step_groups(f) for d in _growing(g, "step"))
-    if resume_step is not None:
-        rows = int(np.searchsorted(f["run/step"][:rows], resume_step, side="right"))
-    return rows
-
-
-def _truncate(f: h5py.File, rows: int) -> None:
-    """Cut every step-growing variable to `rows`, and the traces to the samples of the kept steps."""
-    for group in _step_groups(f):
-        for dset in _growing(group, "step"):
-            dset.resize(rows, axis=0)
-    if "traces" in f:
-        traces = _growing(f["traces"], "sample")
-        samples = min(d.shape[0] for d in traces)
-        last = int(f["run/step"][rows - 1]) if rows else -1
-        sample_step = f["traces/sample_step"][:samples]
-        samples = int(np.count_nonzero(sample_step <= last)) if len(sample_step) else 0
-        for dset in traces:
-            dset.resize(samples, axis=0)
-
-
 def _group_sizes(layers: list[LayerLayout]) -> dict[str, int]:
     """A family group's dimension sizes: its layer count and, per dimension, the largest layer's size."""
     sizes: dict[str, int] = {"layer": len(layers)}
@@ -507,42 +412,3 @@ def _append_rows(dset: h5py.Dataset, first: int, values: np.ndarray) -> None:
     values = np.asarray(values)
     dset.resize(first + values.shape[0], axis=0)
     dset[first : first + values.shape[0]] = values
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
-def _file_size_limit() -> int | None:
-    """The soft RLIMIT_FSIZE in bytes, or None where there is none (or no `resource` module)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    return None if soft == resource.RLIM_INFINITY else int(soft)
-
-
-def _mark_detached(path: Path, state: str) -> None:
-    """Best effort after a failed write: clear the open-for-write flags and record `state` in the detached
-    file. Both write in place (no new space); where either fails, the file stays as a killed run's is,
-    readable with routescope and fixable with `routescope repair`."""
-    from routescope.repair import clear_open_flags
-
-    try:
-        clear_open_flags(path)
-        f = h5py.File(path, "r+", rdcc_nbytes=0)
-    except (OSError, RunFileError):
-        return
-    try:
-        f["run_state"][()] = np.int8(RUN_STATES.index(state))
-        f.close()
-    except Exception:  # noqa: BLE001 - best effort: detach this handle too, never crash at exit
-        try:
-            with tempfile.TemporaryFile() as scratch:
-                os.dup2(scratch.fileno(), f.id.get_vfd_handle())
-            f.close()
-        except Exception:  # noqa: BLE001
-            pass
-
-
