@@ -13,7 +13,11 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, dcc, html
 
 from routescope.dashboards import figures_families as FF
-from routescope.dashboards.sources import FAMILY_GROUPS, RunSource
+from routescope.dashboards.figures import compare_figure
+from routescope.dashboards.sources import FAMILY_GROUPS, RunSource, seed_groups
+from routescope.metrics_families import FAMILY_METRICS
+
+COMPARE_DEFAULT = {"l1": "active_mean", "moe": "load_cv"}  # the metric a family's "compare runs" view opens on
 
 FAMILY_TABS = {"l1": "L1 units", "moe": "MoE experts"}
 
@@ -92,6 +96,24 @@ class FamilyViews:
         return heatmap, FF.family_curves(steps, curves, FF.MOE_PANELS, f"MoE metrics per interval, {label}")
 
 
+    def family_compare(self, family: str, metric: str, layer: int | None) -> go.Figure:
+        """One metric of one l1/moe layer per interval for every run that has the layer, on the same axes;
+        runs that differ only in their seed as mean and min–max band (as the tree's "Compare runs")."""
+        index = int(layer or 0)
+        curves = {}
+        for src in self.sources:
+            values = src.family_curves(family).get(metric)
+            if values is None or index >= values.shape[1] or not len(values):
+                continue
+            steps = src.families[family]["step"].values
+            n = min(len(steps), len(values))  # a live file may have grown between the two reads
+            curves[src.label] = (steps[:n], values[:n, index])
+        if not curves:
+            return self._empty(f"no run has {family} layer {index} with a recorded interval")
+        title = f"{FF.CURVE_NAMES.get(metric, metric)}, {family} layer {index}"
+        return compare_figure(curves, title, seed_groups([src for src in self.sources if src.label in curves]))
+
+
 def families_present(sources: list[RunSource]) -> list[str]:
     """The l1 / moe families that at least one run has, in file order."""
     return [name for name in FAMILY_GROUPS if any(name in src.families for src in sources)]
@@ -122,6 +144,12 @@ def family_tabs(sources: list[RunSource], row: dict[str, str]) -> list[dcc.Tab]:
             views = [html.Div([html.Div(_graph("moe-bars-graph", 420), style={"flex": "1.3"}),
                                html.Div(_graph("moe-coselect-graph", 420), style={"flex": "1"})], style={"display": "flex"}),
                      _graph("moe-heatmap-graph", 360), _graph("moe-curves-graph", 760)]  # fmt: skip
+        metrics = [{"label": FF.CURVE_NAMES.get(m, m), "value": m} for m in FAMILY_METRICS[family]]
+        views += [html.H5("Compare runs (every run given at start; runs that differ only in their seed: mean and "
+                          "min–max band)"),
+                  html.Div([html.Label("metric"), dcc.Dropdown(metrics, COMPARE_DEFAULT[family], id=f"{family}-compare-metric",
+                                                               clearable=False, style={"width": "320px"})], style=row),
+                  _graph(f"{family}-compare-graph", 420)]  # fmt: skip
         tabs.append(dcc.Tab(label=FAMILY_TABS[family], value=family, children=[picker, *views]))
     return tabs
 
@@ -156,6 +184,14 @@ def register_family_callbacks(app: Dash, board: FamilyViews) -> list[str]:
             return board.moe_over_training(run, layer)
 
         graphs += ["moe-bars-graph", "moe-coselect-graph", "moe-heatmap-graph", "moe-curves-graph"]
+    for family in present:
+
+        @app.callback(Output(f"{family}-compare-graph", "figure"), Input("version", "data"),
+                      Input(f"{family}-compare-metric", "value"), Input(f"{family}-layer", "value"))  # fmt: skip
+        def _compare(_v: int, metric: str, layer: int, family: str = family) -> go.Figure:
+            return board.family_compare(family, metric, layer)
+
+        graphs.append(f"{family}-compare-graph")
     return graphs
 
 

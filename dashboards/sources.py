@@ -21,7 +21,7 @@ import xarray as xr
 from routescope import events as rs_events
 from routescope import metrics as rs_metrics
 from routescope.schema import layer_sizes
-from routescope.store import RunFileError, group_dataset, open_h5, reads_run_file
+from routescope.store import group_dataset, open_h5, reads_run_file
 
 
 FAMILY_GROUPS = ("l1", "moe")  # the other layer families' groups (routescope.schema), drawn by family_views

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -285,3 +286,39 @@ def test_dash_serves_an_l1_only_run(runs: dict[str, Path]) -> None:
     text = json.dumps(json.loads(layout))
     assert "l1-hist-graph" in text and "paths-graph" not in text and "moe-bars-graph" not in text
     assert "Traceback" not in err and f"http://127.0.0.1:{port}/" in out
+
+
+# ---- compare runs (L1 / MoE) --------------------------------------------------------------------------------
+
+
+def test_family_compare_draws_each_run_as_its_file_says(tmp_path: Path, runs: dict[str, Path]) -> None:
+    """Two runs of different configurations: one line each, equal to the file's own per-interval metric."""
+    synthetic = tmp_path / "synthetic.h5"
+    _write_l1(synthetic, 4)  # mean active units per token: 1, 2, 3, 4
+    app = create_app([synthetic, runs["l1"]])
+    ids = {getattr(c, "id", None) for tab in next(c for c in app.layout.children if getattr(c, "id", None) == "tabs").children
+           for c in tab.children}  # fmt: skip
+    assert "l1-compare-graph" in ids
+    fig = app.board.family_compare("l1", "active_mean", 0)
+    assert len(fig.data) == 2 and "l1 layer 0" in fig.layout.title.text
+    by_steps = {tuple(t.x): list(t.y) for t in fig.data}
+    assert by_steps[(10, 20, 30, 40)] == [1, 2, 3, 4]
+    real = metrics.family_timeseries(routescope.open(runs["l1"], group="l1"), "l1", rolling=1)
+    np.testing.assert_allclose(by_steps[tuple(real.step.values)], real.active_mean.values[:, 0])
+    # layer 1 exists in the preset's run only: one line; a layer no run has: a message, no trace
+    assert len(app.board.family_compare("l1", "active_mean", 1).data) == 1
+    assert not app.board.family_compare("l1", "active_mean", 7).data
+
+
+def test_family_compare_groups_seeds_into_mean_and_band(tmp_path: Path, runs: dict[str, Path]) -> None:
+    """Runs of one configuration (here: copies of one MoE run) are one group: a band and the mean, which
+    equals each run's curve when they agree."""
+    copies = [tmp_path / f"seed{i}.h5" for i in range(2)]
+    for copy in copies:
+        shutil.copy(runs["moe"], copy)
+    fig = create_app(copies).board.family_compare("moe", "load_cv", 0)
+    names = [t.name for t in fig.data]
+    assert len(fig.data) == 2 and any("mean of 2" in n for n in names) and any("min–max of 2" in n for n in names)
+    mean = next(t for t in fig.data if "mean of 2" in t.name)
+    real = metrics.family_timeseries(routescope.open(runs["moe"], group="moe"), "moe", rolling=1)
+    np.testing.assert_allclose(mean.y, real.load_cv.values[:, 0])
