@@ -206,6 +206,8 @@ def info(
     steps = (f"{summary['intervals']} intervals, steps {summary['first_step']}–{summary['last_step']}"
              if summary["intervals"] else "no complete interval yet")  # fmt: skip
     console.print(f"{steps}; {summary['tokens']:,} tokens; {summary['samples']:,} sampled token traces")
+    if summary.get("failure"):
+        console.print(f"[red]stopped[/]: {summary['failure']}", highlight=False)
     if summary.get("families"):
         groups = ", ".join(f"{name} ({n} layer{'s' if n != 1 else ''})" for name, n in summary["families"].items())
         console.print(f"groups: {groups} (routescope.open(path, group=NAME))")

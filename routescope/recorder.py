@@ -203,7 +203,8 @@ class Recorder:
                 self._thread.join()
             writer, self._writer = self._writer, None
             try:
-                writer.close("failed" if self._error is not None and state == "finished" else state)
+                writer.close("failed" if self._error is not None and state == "finished" else state,
+                             failure=_reason(self._error) if self._error is not None else None)  # fmt: skip
             except Exception as err:  # noqa: BLE001 - the final flush failed (a full disk): report it like a write
                 self._error = self._error or err
         if self._error is not None and self.on_error == "stop":

@@ -260,6 +260,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             "config": json.loads(f.attrs["config"]) if "config" in f.attrs else {},
             "samples": int(f["traces/sample"].shape[0]) if "traces" in f else 0,
             "versions": {k: str(f.attrs[k]) for k in ("routescope_version", "torch_version") if k in f.attrs},
+            "failure": str(f.attrs["failure"]) if "failure" in f.attrs else None,  # why a failed run stopped
         }
     finally:
         f.close()

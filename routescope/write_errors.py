@@ -50,10 +50,10 @@ def file_size_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
-def mark_detached(path: Path, state: str) -> None:
+def mark_detached(path: Path, state: str, failure: str | None = None) -> None:
     """Best effort after a failed write: clear the open-for-write flags and record `state` in the detached
-    file. Both write in place (no new space); where either fails, the file stays as a killed run's is,
-    readable with routescope and fixable with `routescope repair`."""
+    file (both in place: no new space), and `failure` where the disk has room for it. Where this fails,
+    the file stays as a killed run's is, readable with routescope and fixable with `routescope repair`."""
     from routescope.repair import clear_open_flags
 
     try:
@@ -63,6 +63,9 @@ def mark_detached(path: Path, state: str) -> None:
         return
     try:
         f["run_state"][()] = np.int8(RUN_STATES.index(state))
+        f.flush()
+        if failure and _room(path) >= 2**20:  # an attribute may need new space: only where there is plenty
+            f.attrs["failure"] = failure
         f.close()
     except Exception:  # noqa: BLE001 - best effort: detach this handle too, never crash at exit
         try:
@@ -71,3 +74,12 @@ def mark_detached(path: Path, state: str) -> None:
             f.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _room(path: Path) -> int:
+    """Bytes the file may still grow by: free space on its disk, or less under `ulimit -f`."""
+    import shutil
+
+    room = shutil.disk_usage(path.parent).free
+    limit = file_size_limit()
+    return room if limit is None else min(room, limit - path.stat().st_size)

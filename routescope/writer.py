@@ -361,8 +361,9 @@ class RunWriter:
         except Exception:  # noqa: BLE001 - the write error being raised already says what went wrong
             pass
 
-    def close(self, state: str = "finished") -> None:
-        """Record the final run state, close the file and release the writer lock (idempotent).
+    def close(self, state: str = "finished", failure: str | None = None) -> None:
+        """Record the final run state (and, for a failed run, `failure`: one line saying why, as the root
+        attribute `failure`), close the file and release the writer lock (idempotent).
 
         After a failed write (`abandoned`) the state is recorded only where that is still possible
         (`_mark_detached`). A close that fails detaches the file as a failed write does, then raises.
@@ -370,12 +371,14 @@ class RunWriter:
         try:
             if self.abandoned:
                 if self._lock.held:  # the first close of a detached file (still ours: no other writer yet)
-                    mark_detached(self.path, state)
+                    mark_detached(self.path, state, failure)
                 return
             if not self.file.id.valid:
                 return
             try:
                 self._dset("run_state")[()] = np.int8(RUN_STATES.index(state))
+                if failure:
+                    self.file.attrs["failure"] = failure
                 self._dsets.clear()
                 self.file.flush()
                 self.file.close()

@@ -100,6 +100,7 @@ def test_disk_full_raises_at_next_step(tmp_path: Path, monkeypatch: pytest.Monke
         rec.close()
     assert_good_rows_intact(path)
     assert not model.tree.recording  # the layers stopped accumulating
+    assert "No space left on device" in routescope.store.describe(path)["failure"]  # room on this disk: recorded
 
 
 def test_disk_full_in_a_with_block_marks_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,6 +161,8 @@ def test_reserve_stops_before_the_disk_fills(tmp_path: Path, monkeypatch: pytest
     assert "resume=True" in stopped[0] and "[Errno" not in stopped[0]
     # 160, 120, 80 MiB free: three intervals written; at 40 MiB (< 50) the fourth is refused before any write.
     assert_good_rows_intact(path)
+    with h5py.File(path, "r") as f:  # why it stopped, for `routescope info` later
+        assert f.attrs["failure"].startswith("only 40.0 MiB free on its disk")
 
 
 def test_reserve_is_checked(tmp_path: Path) -> None:
