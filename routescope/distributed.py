@@ -12,7 +12,7 @@ writer: the other ranks get a `NullWriter` and write no file. What is reduced, a
 Plain float scalars passed to `step()`/`log()` (e.g. `lr`) are rank 0's.
 
 Failures are agreed on, so that no rank waits forever in a collective the others left: the writer's
-opening (and resume point) is shared from rank 0 at start (`share_from_writer`), and rank 0's writer
+opening (and resume point) is shared from rank 0 at start (`open_on_writer`), and rank 0's writer
 failure rides along each interval's all-reduce as one int, which every rank reads at the next
 interval end (one interval late, so that reading it never stalls a GPU) and then stops alike.
 
@@ -74,9 +74,10 @@ def reduce_interval(
             f"reduce_interval: {sum_ints} ints / {sum_floats}+{mean_floats} floats to reduce do not fit "
             f"buffers of {flat_ints.numel()} / {flat_floats.numel()}"
         )
-    # The last int entry carries each rank's scalar count, so a mismatch is caught (on every rank
-    # alike) before the float all-reduce, which would otherwise fail or mix unrelated values. Reading
-    # it is a host sync, so it is checked on the CPU only; on CUDA it stays on the device.
+    # Two int entries ride along: each rank's scalar count, so that a mismatch is caught (on every rank
+    # alike) before the float all-reduce, which would otherwise fail or mix unrelated values, and the
+    # writer-failure flag. Reading the count is a host sync, so it is checked on the CPU only; on CUDA
+    # it stays on the device.
     ints = torch.cat([flat_ints[:sum_ints], flat_ints.new_tensor([mean_floats, int(writer_failed)])])
     dist.all_reduce(ints)
     if ints.device.type == "cpu" and int(ints[-2]) != mean_floats * ranks:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -64,22 +65,42 @@ def mark_detached(path: Path, state: str, failure: str | None = None) -> None:
     try:
         f["run_state"][()] = np.int8(RUN_STATES.index(state))
         f.flush()
-        if failure and _room(path) >= 2**20:  # an attribute may need new space: only where there is plenty
+        if failure and room_for(path)[0] >= 2**20:  # an attribute may need new space: only where there is plenty
             f.attrs["failure"] = failure
         f.close()
     except Exception:  # noqa: BLE001 - best effort: detach this handle too, never crash at exit
-        try:
-            with tempfile.TemporaryFile() as scratch:
-                os.dup2(scratch.fileno(), f.id.get_vfd_handle())
-            f.close()
-        except Exception:  # noqa: BLE001
-            pass
+        detach_and_close(f)
 
 
-def _room(path: Path) -> int:
-    """Bytes the file may still grow by: free space on its disk, or less under `ulimit -f`."""
-    import shutil
-
-    room = shutil.disk_usage(path.parent).free
+def room_for(path: Path) -> tuple[int, str]:
+    """Bytes a file may still grow by, and what bounds it: the free space on its disk, or (when less) what
+    is left under this process's file-size limit (`ulimit -f`)."""
+    room, where = shutil.disk_usage(path.parent).free, "free on its disk"
     limit = file_size_limit()
-    return room if limit is None else min(room, limit - path.stat().st_size)
+    if limit is not None:
+        try:
+            left = max(0, limit - path.stat().st_size)
+        except OSError:  # not created yet
+            left = limit
+        if left < room:
+            room, where = left, "left under this process's file-size limit (ulimit -f)"
+    return room, where
+
+
+def detach_and_close(f: h5py.File) -> None:
+    """Close an HDF5 file whose writes fail, without writing to it again: its descriptor is first pointed at
+    an anonymous scratch file (memfd; a temporary file where there is none), which takes HDF5's remaining
+    writes, so the close can neither fail nor crash and the file on disk stays as it was."""
+    if not f.id.valid:
+        return
+    try:
+        fd = f.id.get_vfd_handle()
+        with tempfile.TemporaryFile() if not hasattr(os, "memfd_create") else os.fdopen(
+                os.memfd_create("routescope-detached"), "w+b") as scratch:  # fmt: skip
+            os.dup2(scratch.fileno(), fd)
+    except (OSError, ValueError):  # no descriptor to redirect (not the default driver): close as it is
+        pass
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - the caller reports the write error that brought it here
+        pass

@@ -13,8 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ from routescope.store import (
     _first_line,
     _row_bytes,
 )
-from routescope.write_errors import DiskSpaceError, WriteFailedError, file_size_limit, mark_detached, mib
+from routescope.write_errors import DiskSpaceError, WriteFailedError, detach_and_close, mark_detached, mib, room_for
 
 RESERVE_MIN_BYTES = 1 << 20  # free space always kept: the final close's flush, with room to spare
 RESERVE_INTERVALS = 2  # ... plus this many of the largest intervals written so far (new chunks included)
@@ -323,7 +321,7 @@ class RunWriter:
     def _file_size(self) -> int:
         try:
             return self.path.stat().st_size
-        except OSError:
+        except OSError:  # removed under us: the interval's writes will say so
             return 0
 
     def _check_space(self) -> None:
@@ -332,34 +330,18 @@ class RunWriter:
         if self.reserve_bytes == 0:
             return
         reserve = self.reserve_bytes or RESERVE_MIN_BYTES + RESERVE_INTERVALS * self._largest_interval
-        room, where = shutil.disk_usage(self.path.parent).free, "free on its disk"
-        limit = file_size_limit()
-        if limit is not None and limit - self._file_size() < room:
-            room, where = max(0, limit - self._file_size()), "left under this process's file-size limit (ulimit -f)"
+        room, where = room_for(self.path)
         if room < reserve:
             raise DiskSpaceError(errno.ENOSPC, f"only {mib(room)} {where}: the writer stopped before the "
                                  f"last {mib(reserve)} (its reserve), so every interval written is complete")  # fmt: skip
 
     def _abandon(self) -> None:
-        """Detach the file after a failed write: HDF5's descriptor is pointed at an anonymous scratch file,
-        then the file is closed. HDF5's remaining writes (its dirty metadata, which may fail again) go to the
-        scratch file, so the close cannot fail or crash, and the file on disk stays as the failure left it:
-        like a killed run's, readable up to its last complete interval."""
+        """Detach the file after a failed write (`write_errors.detach_and_close`): HDF5's remaining writes
+        (its dirty metadata, which may fail again) go to a scratch file, so the file on disk stays as the
+        failure left it: like a killed run's, readable up to its last complete interval."""
         self.abandoned = True
         self._dsets.clear()
-        if not self.file.id.valid:
-            return
-        try:
-            fd = self.file.id.get_vfd_handle()
-            with tempfile.TemporaryFile() if not hasattr(os, "memfd_create") else os.fdopen(
-                    os.memfd_create("routescope-detached"), "w+b") as scratch:  # fmt: skip
-                os.dup2(scratch.fileno(), fd)
-        except (OSError, ValueError):  # no descriptor to redirect (not the default driver): close as it is
-            pass
-        try:
-            self.file.close()
-        except Exception:  # noqa: BLE001 - the write error being raised already says what went wrong
-            pass
+        detach_and_close(self.file)
 
     def close(self, state: str = "finished", failure: str | None = None) -> None:
         """Record the final run state (and, for a failed run, `failure`: one line saying why, as the root

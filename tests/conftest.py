@@ -78,6 +78,21 @@ def debug_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def family_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Finished runs of the debug-l1 and debug-moe presets, {"l1": path, "moe": path} (made once per session;
+    tests copy them before changing anything)."""
+    from routescope.trainers.presets import get_preset
+    from routescope.trainers.train import train
+
+    folder = tmp_path_factory.mktemp("family-runs")
+    paths = {}
+    for family in ("l1", "moe"):
+        paths[family] = folder / f"{family}.h5"
+        train(get_preset(f"debug-{family}"), out=paths[family], device="cpu", show_progress=False)
+    return paths
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Browser tests (dash[testing]) run headless Chromium: no display here or in CI."""
     if hasattr(config.option, "headless"):

@@ -18,18 +18,10 @@ import routescope
 from routescope.store import RunFileError
 
 
-@pytest.fixture(scope="module")
-def family_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A finished debug-l1 and debug-moe run (the trainers' loop, in-process)."""
-    from routescope.trainers.presets import get_preset
-    from routescope.trainers.train import train
-
-    folder = tmp_path_factory.mktemp("families")
-    paths = {}
-    for family in ("l1", "moe"):
-        paths[family] = folder / f"{family}.h5"
-        train(get_preset(f"debug-{family}"), out=paths[family], device="cpu", show_progress=False)
-    return paths
+@pytest.fixture
+def family_files(family_runs: dict[str, Path]) -> dict[str, Path]:
+    """A finished debug-l1 and debug-moe run (conftest's session-wide recordings)."""
+    return family_runs
 
 
 def _truncated(src: Path, dst: Path, family: str) -> str:

@@ -112,18 +112,10 @@ def test_family_curves_one_panel_per_group() -> None:
 # ---- the Dashboard on real runs ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """debug-l1 and debug-moe, recorded in-process (a second or two each on a CPU)."""
-    from routescope.trainers.presets import get_preset
-    from routescope.trainers.train import train
-
-    folder = tmp_path_factory.mktemp("family-runs")
-    out = {}
-    for family in ("l1", "moe"):
-        out[family] = folder / f"{family}.h5"
-        train(get_preset(f"debug-{family}"), out=out[family], device="cpu", show_progress=False)
-    return out
+@pytest.fixture
+def runs(family_runs: dict[str, Path]) -> dict[str, Path]:
+    """debug-l1 and debug-moe, recorded once per session (conftest)."""
+    return family_runs
 
 
 def _tab_values(app) -> list[str]:

@@ -16,7 +16,7 @@ from conftest import check_tree_invariants
 from torch import nn
 
 import routescope
-from routescope import Recorder, TreeFFN, writer
+from routescope import Recorder, TreeFFN, write_errors, writer
 from routescope.recorder import RecorderError
 
 GOOD_INTERVALS = 3
@@ -142,14 +142,14 @@ def test_on_error_is_checked(tmp_path: Path) -> None:
 def test_reserve_stops_before_the_disk_fills(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Free space shrinking towards the reserve: the writer stops before writing (nothing half-written),
     names the free space and how to resume, and the file closes normally, marked failed."""
-    real = writer.shutil.disk_usage
+    real = write_errors.shutil.disk_usage
     free = {"left": 200 * 2**20}
 
     def disk_usage(path):  # type: ignore[no-untyped-def]
         free["left"] -= 40 * 2**20  # another process fills the disk: 40 MiB less at every interval
         return real(path)._replace(free=max(free["left"], 0))
 
-    monkeypatch.setattr(writer.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(write_errors.shutil, "disk_usage", disk_usage)
     model, path = Tiny(), tmp_path / "reserve.h5"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
