@@ -63,7 +63,7 @@ def soak_kills(folder: Path, count: int, seed: int) -> tuple[list[Kill], list[di
     for i in range(0, count, 6):  # batches, so a progress line appears now and then
         run_kills(kills[i : i + 6], parallel=2)
         console.print(f"  kills {min(i + 6, count)}/{count} ({time.monotonic() - start:.0f} s)")
-    from routescope.repair import clear_open_flags
+    from routescope.store.repair import clear_open_flags
 
     outcomes, failures = [], Counter()
     for kill in kills:
@@ -165,8 +165,8 @@ def damage(data: bytes, rng: random.Random) -> tuple[bytes, str]:
 def read_everything(path: str, results: mp.Queue) -> None:
     """Worker: every in-process reader on one damaged file; reports 'read', 'clean' or the unexpected error."""
     from routescope.dashboards.app import Dashboard
-    from routescope.report import build_report
-    from routescope.store import FAMILIES as GROUPS
+    from routescope.analysis.report import build_report
+    from routescope.store.schema import FAMILIES as GROUPS
     from routescope.store import RunFileError, describe, open_run
 
     opened = []

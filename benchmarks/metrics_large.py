@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from routescope.report import build_report
+from routescope.analysis.report import build_report
 from routescope.store import LayerLayout
-from routescope.writer import RunWriter
+from routescope.store.writer import RunWriter
 
 
 def consistent_counts(leaves: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 layout and their callbacks. A tab appears only when some run given at start has the family's group.
 
 As for the tree views, the bodies only pick data through `dashboards.sources` (whose numbers come
-from `routescope.metrics`) and hand it to `dashboards.figures_families`.
+from `routescope.analysis`) and hand it to `dashboards.figures_families`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dash import Dash, Input, Output, dcc, html
 from routescope.dashboards import figures_families as FF
 from routescope.dashboards.figures import compare_figure
 from routescope.dashboards.sources import FAMILY_GROUPS, RunSource, seed_groups
-from routescope.metrics_families import FAMILY_METRICS
+from routescope.analysis.families import FAMILY_METRICS
 
 COMPARE_DEFAULT = {"l1": "active_mean", "moe": "load_cv"}  # the metric a family's "compare runs" view opens on
 

@@ -15,6 +15,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from routescope.analysis.stats import FROZEN_EPSILON, is_frozen, node_moments, right_share
+
 MAX_POINTS = 2000  # curve points per trace before binning
 TEMPLATE = "plotly_white"
 NODE_COLORINGS = {
@@ -108,13 +110,12 @@ def path_usage_animation(steps: np.ndarray, counts: np.ndarray, layer: int, log:
 # ---- 2. the tree ------------------------------------------------------------------------------------
 
 
-def node_states(visits: np.ndarray, right: np.ndarray, epsilon: float = 0.01) -> np.ndarray:
-    """Per decision node: "dead" (no visits), "frozen" (visited, p_n ≤ ε or ≥ 1 − ε) or "" (alive)."""
+def node_states(visits: np.ndarray, right: np.ndarray, epsilon: float = FROZEN_EPSILON) -> np.ndarray:
+    """Per decision node: "dead" (no visits), "frozen" (the metrics' test: visited, min(p_n, 1 − p_n) < ε)
+    or "" (alive)."""
     visits = np.asarray(visits, dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = np.where(visits > 0, right / np.maximum(visits, 1), np.nan)
     states = np.full(visits.shape, "", dtype=object)
-    states[(visits > 0) & ((p <= epsilon) | (p >= 1 - epsilon))] = "frozen"
+    states[is_frozen(visits, right, epsilon)] = "frozen"
     states[visits == 0] = "dead"
     return states
 
@@ -126,7 +127,7 @@ def tree_icicle(
     leaf_visits: np.ndarray,
     color_by: str = "visits",
     title: str = "",
-    epsilon: float = 0.01,
+    epsilon: float = FROZEN_EPSILON,
 ) -> go.Figure:
     """One tree as an icicle, root on top; every node gets equal width (the structure), colour shows
     `color_by` (see NODE_COLORINGS); dead and frozen nodes are labelled and outlined; leaves are
@@ -135,9 +136,8 @@ def tree_icicle(
     leaves = len(leaf_visits)
     nodes = leaves - 1
     depth = int(np.log2(leaves)) if leaves else 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = np.where(nv > 0, nr / np.maximum(nv, 1), np.nan)
-        mu = np.where(nv > 0, np.asarray(node_act_sum, dtype=float) / np.maximum(nv, 1), np.nan)
+    p = right_share(nv, nr)
+    mu, _ = node_moments(nv, node_act_sum)
     metric = {"visits": nv, "p": p, "balance": 1 - np.abs(2 * p - 1), "mu": mu}[color_by]
     states = node_states(nv, nr, epsilon)
     ids, parents, values, colors, labels, hover, lines = [], [], [], [], [], [], []

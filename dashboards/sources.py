@@ -1,6 +1,7 @@
 """The run files a dashboard serves: opened lazily, re-opened when they grow, with cached curves.
 
-A `RunSource` is the only place the dashboard touches a file. Everything expensive over the whole
+A `RunSource` is the only place the dashboard touches a file, always through routescope.store's
+`RunFile` (single-interval reads use its direct hyperslab `read`). Everything expensive over the whole
 run (per-interval metric curves, μ_n of one tree, pruning events) is computed once and extended
 incrementally as new intervals arrive, so callbacks stay fast on long runs.
 """
@@ -18,13 +19,16 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from routescope import events as rs_events
-from routescope import metrics as rs_metrics
-from routescope.schema import layer_sizes
-from routescope.store import group_dataset, open_h5, reads_run_file
+from routescope.analysis import events as rs_events
+from routescope.analysis.families import FamilyLayer, family_layers, l1_metrics_numpy, moe_metrics_numpy
+from routescope.analysis.family import FAMILY_ANALYSES
+from routescope.analysis.stats import node_moments
+from routescope.analysis.tree import LayerInfo, layer_infos
+from routescope.store.reader import RunFile, reads_run_file
+from routescope.store.schema import layer_sizes
 
 
-FAMILY_GROUPS = ("l1", "moe")  # the other layer families' groups (routescope.schema), drawn by family_views
+FAMILY_GROUPS = tuple(name for name in FAMILY_ANALYSES if name != "tree")  # drawn by family_views
 FAMILY_BLOCK = 256  # intervals per family_timeseries call when the curves catch up
 WHOLE_RUN_EVERY_S = 30.0  # a live run's pruning events / warnings are refreshed at most this often
 
@@ -52,7 +56,7 @@ class RunSource:
         self.path = Path(path)
         self.label = label
         self._lock = threading.RLock()  # Dash may run callbacks in threads
-        self._file = None
+        self._file: RunFile | None = None
         self._signature: tuple[float, int] | None = None
         self.tree: xr.Dataset | None = None
         self.run: xr.Dataset | None = None
@@ -76,13 +80,13 @@ class RunSource:
             try:
                 signature = self._file_signature()
             except OSError:
-                open_h5(self.path)  # raises the reader's one-line explanation (missing, unreadable, ...)
+                RunFile.open(self.path).close()  # raises the reader's one-line explanation (missing, unreadable, ...)
                 raise
             if not force and signature == self._signature:
                 return False
             before = self.n_steps if self.tree is not None or self.run is not None else -1
             old = self._file
-            f, self.tree, self.run, self.traces, self.families = _open_groups(self.path)
+            f, self.tree, self.run, self.traces, self.families = open_groups(self.path)
             self._file, self._signature = f, signature
             if self.n_steps < before:  # the file was replaced by a shorter one: caches start over
                 self._cache = _Cache()
@@ -114,8 +118,8 @@ class RunSource:
         return len(self.steps)
 
     @property
-    def layers(self) -> list[rs_metrics.LayerInfo]:
-        return rs_metrics.layer_infos(self.tree) if self.tree is not None else []
+    def layers(self) -> list[LayerInfo]:
+        return layer_infos(self.tree) if self.tree is not None else []
 
     @property
     def config(self) -> dict[str, Any]:
@@ -127,10 +131,9 @@ class RunSource:
 
     # ---- one interval ----
     def _rows(self, name: str, rows: slice | int, layer: int, trees: slice | int, width: int) -> np.ndarray:
-        """A hyperslab of one `tree` variable straight from h5py (no dask overhead per chunk); rows are
-        interval positions, bounded by the complete intervals the Dataset shows."""
-        dset = self._file["tree"][name]
-        return dset[rows, layer, trees, :width]
+        """A hyperslab of one `tree` variable through RunFile.read (no dask overhead per chunk); rows are
+        interval positions, bounded by the file's complete intervals."""
+        return self._file.read("tree", name, rows, layer, trees, slice(0, width))
 
     def interval(self, index: int, layer: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Variables of one layer at one interval (by position), read lazily: {name: (tree, ...)}."""
@@ -151,8 +154,8 @@ class RunSource:
             cache, n = self._cache, self.n_steps
             if self.tree is None or n == cache.steps:
                 return cache.curves
-            new = rs_metrics.timeseries(self.tree.isel(step=slice(cache.steps, n)), rolling=1)
-            for name in rs_metrics.TREE_METRICS:
+            new = FAMILY_ANALYSES["tree"].timeseries(self.tree.isel(step=slice(cache.steps, n)), rolling=1)
+            for name in FAMILY_ANALYSES["tree"].keys:
                 block = new[name].values
                 cache.curves[name] = block if name not in cache.curves else np.concatenate([cache.curves[name], block])
             cache.steps = n
@@ -167,10 +170,8 @@ class RunSource:
             done = 0 if have is None else len(have)
             if done < self.n_steps:
                 rows = slice(done, self.n_steps)
-                total = self._rows("node_act_sum", rows, layer, tree, nodes)
-                visits = self._rows("node_visits", rows, layer, tree, nodes)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    block = np.where(visits > 0, total / np.maximum(visits, 1), np.nan)
+                block, _ = node_moments(self._rows("node_visits", rows, layer, tree, nodes),
+                                        self._rows("node_act_sum", rows, layer, tree, nodes))
                 have = block if have is None else np.concatenate([have, block])
                 self._cache.mu[(layer, tree)] = have
             return have
@@ -205,10 +206,10 @@ class RunSource:
         return True
 
     # ---- the l1 / moe groups ----
-    def family_layers(self, family: str) -> list[rs_metrics.FamilyLayer]:
+    def family_layers(self, family: str) -> list[FamilyLayer]:
         """The layers of one family group (index, name, width, k); empty when the run has none."""
         ds = self.families.get(family)
-        return rs_metrics.family_layers(ds, family) if ds is not None else []
+        return family_layers(ds, family) if ds is not None else []
 
     def family_row(self, family: str, step_index: int | None) -> int | None:
         """Row of a family's group for a slider position: the interval with the same closing step, or
@@ -225,10 +226,9 @@ class RunSource:
         return n - 1 if index is None or not 0 <= index < n else int(index)
 
     def _family_counts(self, family: str, row: int, layer: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """One layer's counts at one interval, straight from h5py; `tokens` is that layer's tokens."""
-        g = self._file[family]
-        out = {name: g[name][row, layer] for name in names}
-        out["tokens"] = g["layer_tokens"][row, layer]
+        """One layer's counts at one interval (RunFile.read); `tokens` is that layer's tokens."""
+        out = {name: self._file.read(family, name, row, layer) for name in names}
+        out["tokens"] = self._file.read(family, "layer_tokens", row, layer)
         return out
 
     def l1_interval(self, layer: int, row: int) -> dict[str, Any]:
@@ -238,8 +238,8 @@ class RunSource:
             info = self.family_layers("l1")[layer]
             counts = self._family_counts("l1", row, layer, ("unit_fires", "active_sum", "active_hist"))
             bins = layer_sizes("l1", {"d_hidden": info.width})["bin"]  # this layer's share of the padded bins
-            edges = np.asarray(self._file["l1"]["active_hist"].attrs["bin_edges"])[: bins + 1]
-            values = rs_metrics.l1_metrics_numpy(counts, info.width, edges[:-1])
+            edges = np.asarray(self._file.variable_attr("l1", "active_hist", "bin_edges"))[: bins + 1]
+            values = l1_metrics_numpy(counts, info.width, edges[:-1])
             return {"step": int(self.families["l1"]["step"].values[row]), "edges": edges,
                     "hist": counts["active_hist"][:bins], **values}  # fmt: skip
 
@@ -250,7 +250,7 @@ class RunSource:
             info = self.family_layers("moe")[layer]
             names = ("expert_tokens", "dropped_tokens", "coselect", "router_entropy_sum")
             counts = self._family_counts("moe", row, layer, names)
-            values = rs_metrics.moe_metrics_numpy(counts, info.width, info.k)
+            values = moe_metrics_numpy(counts, info.width, info.k)
             scale = max(float(info.k * counts["tokens"]), 1.0)
             coselect = counts["coselect"][: info.width, : info.width]
             return {"step": int(self.families["moe"]["step"].values[row]), "tokens": float(counts["tokens"]),
@@ -265,9 +265,9 @@ class RunSource:
             have = self._cache.expert_share.get(layer)
             done = 0 if have is None else len(have)
             if done < n:
-                g = self._file["moe"]
-                processed = g["expert_tokens"][done:n, layer, : info.width].astype(float)
-                tokens = g["layer_tokens"][done:n, layer].astype(float)
+                rows = slice(done, n)
+                processed = self._file.read("moe", "expert_tokens", rows, layer, slice(0, info.width)).astype(float)
+                tokens = self._file.read("moe", "layer_tokens", rows, layer).astype(float)
                 block = processed / np.maximum(info.k * tokens, 1.0)[:, None]
                 have = block if have is None else np.concatenate([have, block])
                 self._cache.expert_share[layer] = have
@@ -285,7 +285,7 @@ class RunSource:
             # rolling=1: each interval on its own, so new rows need only new rows; blocks of
             # FAMILY_BLOCK rows bound the memory (an MoE co-selection row is E² counts per layer)
             for start in range(done, n, FAMILY_BLOCK):
-                new = rs_metrics.family_timeseries(ds.isel(step=slice(start, min(start + FAMILY_BLOCK, n))), family, rolling=1)
+                new = FAMILY_ANALYSES[family].timeseries(ds.isel(step=slice(start, min(start + FAMILY_BLOCK, n))), rolling=1)
                 for name in new.data_vars:
                     block = new[name].values
                     have[name] = block if name not in have else np.concatenate([have[name], block])
@@ -304,19 +304,19 @@ class RunSource:
 
 
 @reads_run_file()
-def _open_groups(path: Path) -> tuple[Any, xr.Dataset | None, xr.Dataset | None, xr.Dataset | None, dict[str, xr.Dataset]]:
+def open_groups(path: Path) -> tuple[RunFile, xr.Dataset | None, xr.Dataset | None, xr.Dataset | None, dict[str, xr.Dataset]]:
     """The open file, its tree / run / traces groups (None where absent) and its l1 / moe groups;
     damage is a RunFileError."""
-    f = open_h5(path)
+    run_file = RunFile.open(path)
     try:
-        tree = group_dataset(f, "tree") if "tree" in f else None
-        run = group_dataset(f, "run") if "run" in f else None
-        traces = group_dataset(f, "traces") if "traces" in f and "sample" in f["traces"] else None
-        families = {name: group_dataset(f, name) for name in FAMILY_GROUPS if name in f}
+        tree = run_file.dataset("tree") if "tree" in run_file else None
+        run = run_file.dataset("run") if "run" in run_file else None
+        traces = run_file.dataset("traces") if run_file.has_variable("traces", "sample") else None
+        families = {name: run_file.dataset(name) for name in FAMILY_GROUPS if name in run_file}
     except BaseException:
-        f.close()
+        run_file.close()
         raise
-    return f, tree, run, traces, families
+    return run_file, tree, run, traces, families
 
 
 def unique_labels(paths: list[Path]) -> list[str]:

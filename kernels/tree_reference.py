@@ -1,6 +1,6 @@
 """Plain-PyTorch reference for the tree FFN: hard routing, outputs and per-node routing statistics.
 
-This file is the specification every fast kernel must match (see ../shared/DESIGN.md, "Layer
+This file is the specification every fast kernel must match (see the README, "Layer
 families"). Tokens are routed down binary trees numbered in heap order (root 0, children of n are
 2n+1 left and 2n+2 right); a token goes right where z_n = w_n·x + b_n > 0. Everything is vectorised
 over tokens and trees; the only Python loop runs over the depth + 1 levels of a path.
@@ -27,7 +27,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "identity": lambda z: z,
 }
 
-# Names of the per-tree statistics a routed tree layer accumulates (DESIGN.md, group `tree`).
+# Names of the per-tree statistics a routed tree layer accumulates (docs/file-format.md, group `tree`).
 COUNT_STATS = ("node_visits", "node_right", "node_fires", "leaf_visits", "leaf_fires")
 SUM_STATS = ("node_act_sum", "node_act_sqsum", "leaf_act_sum", "leaf_act_sqsum")
 

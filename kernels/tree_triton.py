@@ -13,7 +13,7 @@ Forward, two launches:
    units) matrix of act(z) on the path: tensor-core work on rows read once per block, not per token.
    The top levels' contributions are rank-1 updates, since every token of the block took that path.
 
-With `stats=`, both launches add the DESIGN.md per-node counts and sums of the batch into the layer's
+With `stats=`, both launches add the per-node counts (docs/file-format.md) and sums of the batch into the layer's
 int64 / float64 accumulators, reduced over the block first (one atomic per unit and block): no
 second pass. Non-finite z (NaN/inf) stays out of the sums; the subtree launch counts, per tree, the
 tokens with a non-finite z anywhere on their path (top levels read back from z) with one atomic per
@@ -188,7 +188,7 @@ def tree_forward(
 ) -> ForwardResult:
     """Forward of the neuron-per-node tree FFN (two launches; one where the tree is a single subtree).
 
-    With `stats` (the layer's accumulators by DESIGN.md name) the batch's counts and sums are added
+    With `stats` (the layer's accumulators by file variable name) the batch's counts and sums are added
     into them inside the same launches. No host sync: the launches are CUDA-graph capturable.
     """
     _check(x, w, u, depth)

@@ -1,23 +1,24 @@
-"""routescope: record, measure and see the routing dynamics of sparse feed-forward layers."""
+"""routescope: record, measure and see the routing dynamics of sparse feed-forward layers.
+
+Stages, in the order data flows (each a subpackage): `layers` (routed nn.Modules over `kernels`),
+`record` (the Recorder), `store` (the run file), `analysis` (metrics, events, report),
+`integrations` (HF / Lightning callbacks, `patch`), `dashboards`; `cli` is the command line.
+"""
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from routescope.store import RunFileError, open_run as open
-
-try:
-    __version__ = version("routescope")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0+unknown"
+from routescope.store import RunFile, RunFileError
+from routescope.store import open_run as open
+from routescope.version import __version__
 
 if TYPE_CHECKING:
+    from routescope.integrations.patch import patch
     from routescope.layers import L1SparseFFN, TopKMoE, TreeFFN
-    from routescope.patch import patch
-    from routescope.recorder import Recorder
+    from routescope.record.recorder import Recorder
 
-__all__ = ["L1SparseFFN", "Recorder", "RunFileError", "TopKMoE", "TreeFFN", "__version__", "open", "patch"]
+__all__ = ["L1SparseFFN", "Recorder", "RunFile", "RunFileError", "TopKMoE", "TreeFFN", "__version__", "open", "patch"]
 _LAYERS = ("TreeFFN", "L1SparseFFN", "TopKMoE")
 
 
@@ -28,12 +29,11 @@ def __getattr__(name: str) -> Any:
 
         return getattr(layers, name)
     if name == "Recorder":
-        from routescope.recorder import Recorder
+        from routescope.record.recorder import Recorder
 
         return Recorder
     if name == "patch":
-        from routescope.patch import patch
+        from routescope.integrations.patch import patch
 
-        globals()["patch"] = patch  # importing routescope.patch just bound the module under this name
         return patch
     raise AttributeError(f"module 'routescope' has no attribute {name!r}")

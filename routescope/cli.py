@@ -89,7 +89,7 @@ def record(
         name = config or "shakespeare-tree"
         cfg = get_preset(name, **overrides)
 
-    from routescope.recorder import RecorderError
+    from routescope.record.recorder import RecorderError
     from routescope.trainers.train import train
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # SIGTERM closes the file as Ctrl-C does
@@ -121,16 +121,13 @@ def _resumed_config(path: Path, preset: str | None, overrides: dict[str, object]
     """The training config to resume `path` with: the file's own (or the named preset's), with the overrides given."""
     from dataclasses import replace
 
-    from routescope.store import open_h5
+    from routescope.store import RunFile
     from routescope.trainers.presets import get_preset
     from routescope.trainers.train import config_from_dict
 
     try:
-        f = open_h5(path)
-        try:
-            stored = json.loads(f.attrs["config"]).get("preset") if "config" in f.attrs else None
-        finally:
-            f.close()
+        with RunFile.open(path) as run:
+            stored = run.config.get("preset")
     except RunFileError as err:
         fail(str(err))
     except (ValueError, AttributeError) as err:
@@ -223,27 +220,19 @@ def info(
     console.print(f"versions: {', '.join(f'{k}={v}' for k, v in summary['versions'].items())}")
 
 
-# Per family: the columns `info` shows (header, key in the layer's spec). "layer" is the index in the family's group.
-INFO_COLUMNS = {
-    "tree": [("variant", "variant"), ("depth", "depth"), ("trees", "trees"), ("units/tree", "units_per_tree"),
-             ("activation", "activation"), ("placement", "placement")],
-    "l1": [("d_in", "d_in"), ("units", "d_hidden"), ("d_out", "d_out"), ("l1_coef", "l1_coef"), ("gated", "gated"),
-           ("bias", "bias")],
-    "moe": [("experts", "experts"), ("k", "k"), ("width", "expert_width"), ("capacity", "capacity_factor"),
-            ("activation", "activation"), ("balance", "balance_coef")],
-}  # fmt: skip
-
-
 def _layer_tables(layers: list[dict]) -> list[Table]:
-    """One table per layer family in the file (group `tree`, `l1`, `moe`), tree first."""
+    """One table per layer family in the file (group `tree`, `l1`, `moe`), tree first; "layer" is the
+    index in the family's group, the columns are the family's `info_columns`."""
+    from routescope.analysis.family import FAMILY_ANALYSES
+
     tables = []
-    for family, columns in INFO_COLUMNS.items():
-        mine = [layer for layer in layers if layer.get("family", "tree") == family]
+    for family in FAMILY_ANALYSES.values():
+        mine = [layer for layer in layers if layer.get("family", "tree") == family.name]
         if not mine:
             continue
-        table = Table("layer", "name", "family", *(header for header, _ in columns), box=None)
+        table = Table("layer", "name", "family", *(header for header, _ in family.info_columns), box=None)
         for i, layer in enumerate(mine):
-            table.add_row(str(i), layer["name"], family, *(_cell(layer.get(key)) for _, key in columns))
+            table.add_row(str(i), layer["name"], family.name, *(_cell(layer.get(key)) for _, key in family.info_columns))
         tables.append(table)
     return tables
 
@@ -257,13 +246,14 @@ def report(
     paths: Annotated[list[Path], typer.Argument(help="Run file(s); several are compared side by side.")],
     window: Annotated[Optional[str], typer.Option(help="Steps START:END (half-open; either may be left out).")] = None,
     layer: Annotated[Optional[list[int]], typer.Option("--layer", "-l", help="Only this layer (repeatable).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report object (DESIGN.md keys) as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report object as JSON (keys: docs/report-json.md).")] = False,
     events: Annotated[bool, typer.Option("--events", help="Also count pruning events and score the early warning.")] = False,
 ) -> None:
     """Routing metrics per layer over a window of steps: tree entropy, balance, dead/frozen/static fractions;
-    L1 active units per token and dead units; MoE expert load, router entropy, drops."""
-    from routescope.metrics import MetricsError, parse_window
-    from routescope.report import build_report, compare_table, report_table
+    L1 active units per token and dead units; MoE expert load, router entropy, drops. Definitions of every
+    column and key: docs/metrics.md and docs/report-json.md."""
+    from routescope.analysis.report import build_report, compare_table, legend_text, report_table
+    from routescope.analysis.window import MetricsError, parse_window
 
     try:
         bounds = parse_window(window)
@@ -282,12 +272,14 @@ def report(
                           f"(precision {w['precision']}, recall {w['recall']})")  # fmt: skip
     else:
         console.print(compare_table(reports))
+        families = list(dict.fromkeys(layer["family"] for r in reports for layer in r["layers"]))
+        console.print(legend_text(families))
 
 
 @app.command()
 def repair(path: Annotated[Path, typer.Argument(help="Run file (.h5) whose recording was killed.")]) -> None:
     """Let plain h5py open a run whose recording was killed (clears HDF5's open-for-write flags, as h5clear -s)."""
-    from routescope.repair import clear_open_flags
+    from routescope.store.repair import clear_open_flags
 
     try:
         cleared = clear_open_flags(path)
@@ -334,7 +326,7 @@ def _main(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     if version:
-        from routescope import __version__
+        from routescope.version import __version__
 
         print(__version__)
         raise typer.Exit()

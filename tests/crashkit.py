@@ -248,8 +248,8 @@ def _child(preset: str, out: str, progress: str, every: str) -> None:
     """Train `preset` with recording; report progress lines; SIGTERM and Ctrl-C close the file as the CLI does."""
     if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"  # before routescope.layers is imported (no GPU in the soak)
-    from routescope.recorder import Recorder
-    from routescope.writer import RunWriter
+    from routescope.record.recorder import Recorder
+    from routescope.store.writer import RunWriter
     from routescope.trainers.presets import get_preset
     from routescope.trainers.train import train
 

@@ -101,7 +101,7 @@ def test_repair_lets_plain_h5py_open_killed_files(kills: dict[str, Kill], tmp_pa
     import dataclasses
     import shutil
 
-    from routescope.repair import clear_open_flags
+    from routescope.store.repair import clear_open_flags
 
     for case, kill in kills.items():
         if kill.sig != signal.SIGKILL:

@@ -20,13 +20,13 @@ import plotly.graph_objects as go
 import pytest
 
 import routescope
-from routescope import metrics
+from routescope import analysis as metrics
 from routescope.dashboards import figures_families as FF
 from routescope.dashboards import sources
 from routescope.dashboards.app import create_app
-from routescope.schema import active_bin_edges
+from routescope.store.schema import active_bin_edges
 from routescope.store import LayerLayout
-from routescope.writer import RunWriter
+from routescope.store.writer import RunWriter
 
 # ---- figures on known answers ---------------------------------------------------------------------------
 

@@ -46,9 +46,28 @@ def test_node_states_dead_frozen_alive() -> None:
     visits = np.array([0, 100, 100, 100, 100, 1000, 1000, 40])
     right = np.array([0, 0, 100, 50, 1, 5, 995, 20])
     states = F.node_states(visits, right, epsilon=0.01)
-    # 0 visits -> dead; all left / all right -> frozen; balanced -> ""; share exactly ε (1/100) and
-    # ≤ ε (5/1000), ≥ 1-ε (995/1000) -> frozen; 20/40 -> alive.
-    assert list(states) == ["dead", "frozen", "frozen", "", "frozen", "frozen", "frozen", ""]
+    # 0 visits -> dead; all left / all right -> frozen; balanced -> ""; a minority share of exactly ε
+    # (1/100) is not frozen (the metrics' test is strict: min(p, 1-p) < ε); 5/1000 and 995/1000 are;
+    # 20/40 -> alive.
+    assert list(states) == ["dead", "frozen", "frozen", "", "", "frozen", "frozen", ""]
+
+
+def test_node_states_agree_with_the_metrics() -> None:
+    """The tree view's frozen and dead nodes are exactly the ones the metrics count (one frozen test)."""
+    from routescope.analysis.tree import LayerInfo, tree_metrics_numpy
+
+    rng = np.random.default_rng(7)
+    visits = rng.integers(0, 400, size=63)
+    visits[rng.choice(63, 10, replace=False)] = 0
+    right = np.where(rng.random(63) < 0.4, (visits * rng.choice([0.0, 0.004, 0.01, 0.5, 0.996, 1.0], 63)).round(), visits // 2)
+    states = F.node_states(visits, right)
+    layer = LayerInfo(0, "l", "tree", depth=6, trees=1, variant="neuron", leaf_width=1)
+    counts = {"tokens": np.array(visits[0]), "node_visits": visits[None], "node_right": right[None],
+              "node_fires": np.zeros((1, 63)), "leaf_visits": np.ones((1, 64)), "leaf_fires": np.zeros((1, 64))}
+    metrics = tree_metrics_numpy(counts, layer)
+    assert (states == "frozen").sum() > 0 and (states == "dead").sum() == 10
+    assert metrics["frozen_fraction"][0] == (states == "frozen").sum() / 63
+    assert metrics["dead_fraction"][0] == (states == "dead").sum() / 63
 
 
 def test_node_states_epsilon_boundary() -> None:

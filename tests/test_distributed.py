@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from routescope import Recorder, TreeFFN
-from routescope.distributed import NullWriter, accumulator_names, ignore_accumulators, reduce_interval
+from routescope.record.distributed import NullWriter, accumulator_names, ignore_accumulators, reduce_interval
 
 from conftest import check_tree_invariants
 
@@ -92,7 +92,7 @@ def test_two_ranks_equal_one_process_over_all_tokens(tmp_path: Path) -> None:
     assert not (tmp_path / "rank1.h5").exists(), "only rank 0 writes"
     for rank in range(WORLD):  # one all-reduce per dtype per interval, none per step
         calls = json.loads((tmp_path / f"calls{rank}.json").read_text())
-        assert calls.count("routescope.distributed") == 2 * 3, calls
+        assert calls.count("routescope.record.distributed") == 2 * 3, calls
         assert "different tensor scalars" in (tmp_path / f"mismatch{rank}.txt").read_text()
 
     torch.manual_seed(0)

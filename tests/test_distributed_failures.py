@@ -19,8 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_distributed import WORLD, Net, global_batches
 
-from routescope import Recorder, writer
-from routescope.recorder import RecorderError
+from routescope import Recorder
+from routescope.store import writer
+from routescope.record.recorder import RecorderError
 from routescope.store import RunFileError
 
 DEADLINE_S = 120.0

@@ -17,7 +17,7 @@ from torch import nn
 import routescope
 from routescope import Recorder, TreeFFN
 from routescope.layers import L1SparseFFN, TopKMoE, aux_loss, find_routed_layers
-from routescope.schema import TREE, active_bin_edges
+from routescope.store.schema import TREE, active_bin_edges
 
 from conftest import check_tree_invariants
 

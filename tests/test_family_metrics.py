@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 import routescope
-from routescope import Recorder, metrics
+from routescope import Recorder
+from routescope import analysis as metrics
 from routescope.layers import L1SparseFFN, TopKMoE
-from routescope.schema import active_bin_edges
+from routescope.store.schema import active_bin_edges
 from routescope.store import LayerLayout
-from routescope.writer import RunWriter
+from routescope.store.writer import RunWriter
 
 from conftest import run_cli
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import routescope
-from routescope import metrics
-from routescope.events import early_warnings, pruning_events
+from routescope import analysis as metrics
+from routescope.analysis.events import early_warnings, pruning_events
 from routescope.store import LayerLayout
-from routescope.writer import RunWriter
+from routescope.store.writer import RunWriter
 
 from conftest import run_cli
 

@@ -19,7 +19,7 @@ import routescope
 from routescope import Recorder, TreeFFN
 from routescope.kernels import tree_triton
 from routescope.layers import L1SparseFFN, TopKMoE
-from routescope.report import build_report
+from routescope.analysis.report import build_report
 
 D = 8
 BAD = [2, 5, 11]  # token rows set to NaN

@@ -12,8 +12,8 @@ from torch import nn
 
 import routescope
 from routescope import Recorder, TreeFFN
-from routescope.recorder import RecorderError
-from routescope.writer import RunWriter
+from routescope.record.recorder import RecorderError
+from routescope.store.writer import RunWriter
 
 from conftest import check_tree_invariants
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import run_cli
 from test_cli import assert_user_error
 
-from routescope.repair import FLAGS_AT, clear_open_flags, lookup3
+from routescope.store.repair import FLAGS_AT, clear_open_flags, lookup3
 from routescope.store import RunFileError
 
 # A writer that appends intervals and then dies without closing (os._exit: like SIGKILL, no cleanup),
@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, {tests!r})
 from test_store import synthetic_rows
 from routescope.store import LayerLayout
-from routescope.writer import RunWriter
+from routescope.store.writer import RunWriter
 layers = [LayerLayout("a", 3, 2, {{"depth": 3, "trees": 2}}), LayerLayout("b", 2, 1, {{"depth": 2, "trees": 1}})]
 writer = RunWriter({path!r}, layers, {{}}, scalars=("train_loss",))
 rng = np.random.default_rng(0)

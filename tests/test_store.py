@@ -14,8 +14,9 @@ import pytest
 import xarray as xr
 
 import routescope
-from routescope.store import SCHEMA_VERSION, TREE_VARIABLES, LayerLayout, RunFileError, open_h5
-from routescope.writer import RunWriter
+from routescope.store.format import SCHEMA_VERSION, TREE_VARIABLES, LayerLayout, RunFileError
+from routescope.store.reader import open_h5
+from routescope.store.writer import RunWriter
 
 from conftest import check_tree_invariants, open_plain
 
@@ -159,7 +160,7 @@ def test_corrupted_copies_give_clean_errors_only(debug_run: Path, tmp_path: Path
     """Seeded fuzz: 40 copies of a real run with random byte flips. Every reader either works or
     raises RunFileError (one line for the CLI), never another exception. Issue 9's soak runs more."""
     from routescope.dashboards.app import Dashboard
-    from routescope.report import build_report
+    from routescope.analysis.report import build_report
     from routescope.store import RunFileError, describe
 
     data = debug_run.read_bytes()

@@ -16,8 +16,9 @@ from conftest import check_tree_invariants
 from torch import nn
 
 import routescope
-from routescope import Recorder, TreeFFN, write_errors, writer
-from routescope.recorder import RecorderError
+from routescope import Recorder, TreeFFN
+from routescope.store import write_errors, writer
+from routescope.record.recorder import RecorderError
 
 GOOD_INTERVALS = 3
 DEADLINE_S = 20.0  # the failure must reach the training thread well within this (never a hang)

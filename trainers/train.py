@@ -19,7 +19,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from routescope.layers import aux_loss
-from routescope.recorder import Recorder
+from routescope.record.recorder import Recorder
 from routescope.trainers.data import Corpus
 from routescope.trainers.model import GPT, GPTConfig
 from routescope.trainers.presets import TrainConfig

@@ -19,9 +19,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from routescope.distributed import ignore_accumulators
-from routescope.integrations._common import missing, token_ids
-from routescope.recorder import Recorder
+from routescope.record.distributed import ignore_accumulators
+from routescope.integrations.common import missing, token_ids
+from routescope.record.recorder import Recorder
 
 try:
     from transformers import TrainerCallback

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from routescope.distributed import ignore_accumulators
-from routescope.integrations._common import missing, token_ids
-from routescope.recorder import Recorder
+from routescope.record.distributed import ignore_accumulators
+from routescope.integrations.common import missing, token_ids
+from routescope.record.recorder import Recorder
 
 try:
     import lightning.pytorch as pl

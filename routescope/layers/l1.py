@@ -1,4 +1,4 @@
-"""The L1-sparse gated FFN (DESIGN.md, family 2): ReLU-gated units that an L1 penalty drives to exact zeros.
+"""The L1-sparse gated FFN (README, "Layer families"): ReLU-gated units that an L1 penalty drives to exact zeros.
 
 The recipe of "sparser-faster-llms" (arXiv 2603.23198): a standard gated FFN, h = relu(W_g x) * (W_u x),
 y = W_d h, trained with an L1 penalty on the gate activations g = relu(W_g x). A unit "fires" for a
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routescope.schema import active_bin_edges, layer_sizes
+from routescope.store.schema import active_bin_edges, layer_sizes
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The top-k mixture-of-experts FFN (DESIGN.md, family 3): the familiar baseline, recorded like the others.
+"""The top-k mixture-of-experts FFN (README, "Layer families"): the familiar baseline, recorded like the others.
 
 A linear router scores E experts per token; the softmax's top k are kept and their probabilities
 renormalised to sum to 1; each chosen expert (an MLP d_in -> expert_width -> d_out) adds its output
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routescope.kernels.tree_reference import ACTIVATIONS
-from routescope.schema import layer_sizes
+from routescope.store.schema import layer_sizes
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The tree FFN layer (DESIGN.md, family 1): TreeFFN, its spec, and the fastfeedforward converter.
+"""The tree FFN layer (README, "Layer families"): TreeFFN, its spec, and the fastfeedforward converter.
 
 The layer updates its accumulators inside its own forward when `recording` is on: no hooks (which
 torch.compile drops) and no host sync; the recorder reads and zeroes them at interval ends.
@@ -22,7 +22,7 @@ from routescope.kernels.tree_reference import (
     neuron_forward,
     new_tree_stats,
 )
-from routescope.schema import layer_sizes
+from routescope.store.schema import layer_sizes
 
 VARIANTS = ("neuron", "leaf_mlp")
 PLACEMENTS = ("node", "output")
@@ -56,7 +56,7 @@ class TreeSpec:
 
 
 class TreeFFN(nn.Module):
-    """Tree-structured fast feed-forward layer (DESIGN.md, family 1), a drop-in for an MLP block.
+    """Tree-structured fast feed-forward layer (README, "Layer families"), a drop-in for an MLP block.
 
     Each of `trees` binary trees of depth `depth` sends every token down one root-to-leaf path by hard
     decisions (right where z = w·x + b > 0). variant="neuron": every node and leaf is one neuron and
@@ -204,7 +204,7 @@ class TreeFFN(nn.Module):
         return y.reshape(*leading, s.d_out)
 
     def routing_stats(self) -> dict[str, Tensor]:
-        """The accumulator buffers by DESIGN.md variable name (`tokens`, `node_visits`, ...)."""
+        """The accumulator buffers by file variable name (docs/file-format.md) (`tokens`, `node_visits`, ...)."""
         return {name: getattr(self, name) for name in new_tree_stats(1, 0)}
 
     def reset_routing_stats(self) -> None:

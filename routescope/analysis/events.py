@@ -17,7 +17,9 @@ import pandas as pd
 import xarray as xr
 from scipy.special import ndtr
 
-from routescope.metrics import FROZEN_EPSILON, _blocks, layer_infos
+from routescope.analysis.stats import FROZEN_EPSILON, is_frozen, node_moments
+from routescope.analysis.tree import layer_infos
+from routescope.analysis.window import blocks
 
 EVENT_COLUMNS = ["kind", "step", "layer", "tree", "node", "depth", "parent_died_same_step",
                  "mu_first", "mu_last", "mu_min", "mu_max", "live_intervals"]  # fmt: skip
@@ -39,17 +41,15 @@ def pruning_events(ds: xr.Dataset, epsilon: float = FROZEN_EPSILON) -> pd.DataFr
     mu_first, mu_last = np.full(shape, np.nan), np.full(shape, np.nan)
     mu_min, mu_max = np.full(shape, np.inf), np.full(shape, -np.inf)
     at = 0
-    for block in _blocks(ds, names):
+    for block in blocks(ds, names):
         v = block["node_visits"].astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            p = block["node_right"] / v
-            mu = block["node_act_sum"] / v
+        mu, _ = node_moments(v, block["node_act_sum"])
         live = v > 0
         index = (at + np.arange(len(v)))[:, None, None, None]
         last_live = np.maximum(last_live, np.where(live, index, -1).max(0))
         unset = (first_live < 0) & live.any(0)
         first_live = np.where(unset, np.where(live, index, np.iinfo(np.int64).max).min(0), first_live)
-        frozen = live & (np.minimum(p, 1 - p) < epsilon)
+        frozen = is_frozen(v, block["node_right"], epsilon)
         last_unfrozen = np.maximum(last_unfrozen, np.where(~frozen, index, -1).max(0))
         live_count += live.sum(0)
         masked = np.where(live, mu, np.nan)
@@ -112,12 +112,11 @@ def early_warnings(ds: xr.Dataset, horizon: int = 10, lookback: int = 5, min_tok
     history: list[np.ndarray] = []
     flags = []
     at = 0
-    for block in _blocks(ds, names):
+    for block in blocks(ds, names):
         v = block["node_visits"].astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mu = block["node_act_sum"] / v
-            sigma = np.sqrt(np.maximum(block["node_act_sqsum"] / v - mu**2, 1e-12))
-            score = np.abs(mu) / sigma
+        mu, sigma = node_moments(v, block["node_act_sum"], block["node_act_sqsum"])
+        with np.errstate(invalid="ignore"):
+            score = np.abs(mu) / np.maximum(sigma, 1e-6)  # sigma floored: a node whose z never varies
         for i in range(len(v)):
             history = (history + [score[i]])[-lookback:]
             if len(history) < lookback:

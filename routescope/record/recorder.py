@@ -20,7 +20,6 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from routescope import distributed
-from routescope.layers import find_routed_layers
-from routescope.schema import FAMILIES, Family
-from routescope.store import LayerLayout, RunWriter
-
-
-def packing_order(family: Family) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The order a layer's statistics take in the flat buffers: (int64 names, float64 names)."""
-    ints = ("tokens", *(name for name, v in family.stats.items() if v.dtype.startswith("i")))
-    return ints, tuple(name for name, v in family.stats.items() if v.dtype.startswith("f"))
+from routescope.layers import select_routed_layers
+from routescope.record import distributed
+from routescope.record.packing import Interval, layout_of, packing_order, take_into, to_device, to_host, unpack_traces
+from routescope.store.schema import FAMILIES
+from routescope.store.writer import RunWriter
+from routescope.version import __version__
 
 
 class RecorderError(RuntimeError):
@@ -48,24 +43,8 @@ class RecorderError(RuntimeError):
         self.recorder = recorder  # whose stopped_message() the CLI words its own way
 
 
-@dataclass
-class _Interval:
-    """One interval on its way to the writer thread: host buffers (maybe still being filled) and their layout."""
-
-    step: int
-    ints: Tensor
-    floats: Tensor
-    ready: torch.cuda.Event | None
-    scalars: dict[str, float]
-    scalar_names: tuple[str, ...]  # names of the trailing entries of `floats`
-    trace_count: int
-    has_token_ids: bool
-    id_tokens: int
-    elapsed_s: float
-
-
 class Recorder:
-    """Records the routing of a model's routed layers (tree, L1, MoE) into one HDF5 run file (DESIGN.md, "Recording").
+    """Records the routing of a model's routed layers (tree, L1, MoE) into one HDF5 run file (README, "Recording").
 
     every: optimizer steps per interval (one row of the file). sample_tokens: tokens per interval
     whose full path is kept in group `traces`. modules: names or modules to record (default: all
@@ -110,7 +89,7 @@ class Recorder:
         if on_error not in ("raise", "stop"):
             raise ValueError(f"on_error must be 'raise' or 'stop', got {on_error!r}")
         self.on_error = on_error
-        self.layers = _select_layers(model, modules)
+        self.layers = select_routed_layers(model, modules)
         distributed.ignore_accumulators(model)  # DDP must not broadcast rank 0's counts over the others'
         self.path = Path(path)
         self.every = every
@@ -154,13 +133,13 @@ class Recorder:
 
     def start(self) -> None:
         """Create the file, switch the layers' accumulation on and start the writer thread."""
-        layouts = [_layout(name, layer) for name, layer in self.layers]
+        layouts = [layout_of(name, layer) for name, layer in self.layers]
         attrs = {
             "config": json.dumps(self.config),
             "record_every": self.every,
             "sample_tokens": self.sample_tokens,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "routescope_version": _version(),
+            "routescope_version": __version__,
             "torch_version": torch.__version__,
             "world_size": distributed.world_size(),
         }
@@ -318,17 +297,17 @@ class Recorder:
         if failed is not None:
             ready = None
             if failed.device.type == "cuda":
-                failed, ready = _to_host(failed), torch.cuda.Event()
+                failed, ready = to_host(failed), torch.cuda.Event()
                 ready.record()
             self._failure_flag = (failed, ready)
         if not distributed.is_writer():
             self._reset_interval()
             return
-        host_ints, host_floats, ready = _to_host(flat_ints), _to_host(flat_floats), None
+        host_ints, host_floats, ready = to_host(flat_ints), to_host(flat_floats), None
         if device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        item = _Interval(
+        item = Interval(
             step=self.global_step, ints=host_ints, floats=host_floats, ready=ready, scalars=scalar_values,
             scalar_names=tuple(k for k, _ in tensor_scalars), trace_count=trace_count, has_token_ids=has_ids,
             id_tokens=self._id_tokens, elapsed_s=time.monotonic() - self._t0,
@@ -346,7 +325,7 @@ class Recorder:
             return 0, False
         count = min(self.sample_tokens, n)
         picked = torch.randperm(n, generator=self._generator)[:count].sort().values  # (k,) flat token index
-        index = _to_device(picked, device)
+        index = to_device(picked, device)
         for _, layer in self.layers:
             rows = layer.trace_rows(index)
             for name, var in FAMILIES[layer.family].traces.items():
@@ -359,9 +338,9 @@ class Recorder:
             sequence, position = picked // seq_len, picked % seq_len
             ctx_pos = position[:, None] - torch.arange(self.context - 1, -1, -1)  # (k, C)
             valid = ctx_pos >= 0
-            flat = _to_device(sequence[:, None] * seq_len + ctx_pos.clamp(min=0), ids.device)
-            context = torch.where(_to_device(valid, ids.device), ids.reshape(-1)[flat], -1)
-            ints += [_to_device(sequence, device), _to_device(position, device), context.reshape(-1).to(device)]
+            flat = to_device(sequence[:, None] * seq_len + ctx_pos.clamp(min=0), ids.device)
+            context = torch.where(to_device(valid, ids.device), ids.reshape(-1)[flat], -1)
+            ints += [to_device(sequence, device), to_device(position, device), context.reshape(-1).to(device)]
         return count, has_ids
 
     def _write_loop(self) -> None:
@@ -391,7 +370,11 @@ class Recorder:
             warnings.warn(f"non-finite activations (NaN/inf) at step {step} in {', '.join(bad)}: counted in "
                           "nonfinite_tokens and left out of the sums (warned once)", RuntimeWarning, stacklevel=1)  # fmt: skip
 
-    def _write(self, item: _Interval) -> None:
+    def _placed(self) -> list[tuple[str, int, dict[str, int]]]:
+        """Per recorded layer: its family, its index in the family's group and its dimension sizes."""
+        return [(layer.family, self._family_index[li], self._sizes[li]) for li, (_, layer) in enumerate(self.layers)]
+
+    def _write(self, item: Interval) -> None:
         if item.ready is not None:
             item.ready.synchronize()
         ints, floats = item.ints.numpy(), item.floats.numpy()
@@ -405,11 +388,11 @@ class Recorder:
             family, rows = FAMILIES[layer.family], groups[layer.family]
             int_names, float_names = packing_order(family)
             layer_tokens[li] = ints[i]
-            i = _take_into(rows, int_names[1:], family, self._family_index[li], self._sizes[li], ints, i + 1)
-            f = _take_into(rows, float_names, family, self._family_index[li], self._sizes[li], floats, f)
+            i = take_into(rows, int_names[1:], family, self._family_index[li], self._sizes[li], ints, i + 1)
+            f = take_into(rows, float_names, family, self._family_index[li], self._sizes[li], floats, f)
         traces = None
         if item.trace_count:
-            traces, i, f = self._unpack_traces(item, ints, floats, i, f)
+            traces, i, f = unpack_traces(item, ints, floats, i, f, self._writer, self._placed(), self.context)
         scalars = {"train_loss": np.nan, **{k: float(v) for k, v in item.scalars.items()}}
         scalars.update(zip(item.scalar_names, floats[f:].tolist()))
         if len(layer_tokens) and layer_tokens.min() != layer_tokens.max():
@@ -424,95 +407,9 @@ class Recorder:
             self._warn_nonfinite(item.step, groups)
         self._writer.append_interval(item.step, None, scalars, traces, groups=groups)
 
-    def _unpack_traces(self, item: _Interval, ints: np.ndarray, floats: np.ndarray, i: int, f: int):
-        k, writer = item.trace_count, self._writer
-        traces: dict[str, np.ndarray] = {"sample_step": np.full(k, item.step)}
-        for name in writer.families:
-            family, sizes = FAMILIES[name], writer.group_sizes[name]
-            for var, v in family.traces.items():
-                shape = (k, sizes["layer"], *family.trace_shape(var, sizes))
-                traces[var] = np.full(shape, -1 if v.dtype.startswith("i") else np.nan, dtype=np.dtype(v.dtype))
-        for li, (_, layer) in enumerate(self.layers):
-            family, at = FAMILIES[layer.family], self._family_index[li]
-            for var, v in family.traces.items():
-                shape = (k, *family.trace_shape(var, self._sizes[li]))
-                size = int(np.prod(shape))
-                if v.dtype.startswith("i"):
-                    values, i = ints[i : i + size], i + size
-                else:
-                    values, f = floats[f : f + size], f + size
-                traces[var][(slice(None), at, *(slice(0, s) for s in shape[1:]))] = values.reshape(shape)
-        if item.has_token_ids:
-            sequence, position = ints[i : i + k], ints[i + k : i + 2 * k]
-            context = ints[i + 2 * k : i + 2 * k + k * self.context].reshape(k, self.context)
-            i += 2 * k + k * self.context
-            traces.update(sequence=sequence, position=position, token_id=context[:, -1], context_ids=context)
-        else:
-            traces.update({name: np.full(k, -1) for name in ("sequence", "position", "token_id")})
-            traces["context_ids"] = np.full((k, self.context), -1)
-        return traces, i, f
-
-
-def _take_into(rows: dict[str, np.ndarray], names: tuple[str, ...], family: Family, at: int, sizes: dict[str, int],
-               flat: np.ndarray, start: int) -> int:  # fmt: skip
-    """Copy one layer's statistics out of a flat host buffer into their padded rows at layer position `at`."""
-    for name in names:
-        shape = family.layer_shape(name, sizes)
-        size = int(np.prod(shape, dtype=np.int64))
-        rows[name][(at, *(slice(0, s) for s in shape))] = flat[start : start + size].reshape(shape)
-        start += size
-    return start
 
 
 def _reason(err: BaseException) -> str:
     """An error as one line for the user: an OSError's own words (without "[Errno N]"), else its first line."""
     text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
     return (text.splitlines() or [type(err).__name__])[0]
-
-
-def _layout(name: str, layer: nn.Module) -> LayerLayout:
-    """What the writer needs to know about one routed layer."""
-    spec = layer.spec.to_dict()
-    if layer.family == "tree":
-        return LayerLayout(name, layer.depth, layer.trees, spec)
-    return LayerLayout(name, config=spec, family=layer.family)
-
-
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """Move a small host tensor to the device without a sync: a pageable copy to CUDA would block."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-def _to_host(flat: Tensor) -> Tensor:
-    """Start a copy to host memory; pinned and asynchronous on CUDA (the writer waits on an event)."""
-    if flat.device.type != "cuda":
-        return flat.cpu()
-    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-    host.copy_(flat, non_blocking=True)
-    return host
-
-
-def _select_layers(model: nn.Module, modules: Iterable[str | nn.Module] | None) -> list[tuple[str, nn.Module]]:
-    found = find_routed_layers(model)
-    if modules is not None:
-        wanted = list(modules)
-        names = {m for m in wanted if isinstance(m, str)}
-        objects = {id(m) for m in wanted if isinstance(m, nn.Module)}
-        unknown = names - {name for name, _ in found}
-        if unknown:
-            raise ValueError(f"no routed layer named {sorted(unknown)}; routed layers: {[n for n, _ in found]}")
-        found = [(name, layer) for name, layer in found if name in names or id(layer) in objects]
-    if not found and modules is not None:
-        raise ValueError("none of the given modules is a routed layer (TreeFFN, L1SparseFFN, TopKMoE)")
-    if not found:
-        warnings.warn("the model has no routed layers (TreeFFN, L1SparseFFN, TopKMoE): only losses are recorded",
-                      stacklevel=3)
-    return found
-
-
-def _version() -> str:
-    from routescope import __version__
-
-    return __version__

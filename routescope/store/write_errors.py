@@ -17,7 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from routescope.store import RUN_STATES, RunFileError, _first_line
+from routescope.store.format import RUN_STATES, RunFileError, first_line
+from routescope.store.repair import clear_open_flags
 
 
 class DiskSpaceError(OSError):
@@ -32,7 +33,7 @@ class WriteFailedError(OSError):
         if code is None:  # HDF5 reports the OS error inside its message: "..., errno = 28, error message = '...'"
             found = re.search(r"errno = (\d+)", str(cause))
             code = int(found.group(1)) if found else None
-        reason = os.strerror(code) if code else _first_line(cause)
+        reason = os.strerror(code) if code else first_line(cause)
         super().__init__(code or errno.EIO, f"writing step {step} to {path} failed ({reason}); its {row} earlier "
                          "intervals are intact and the file is closed")  # fmt: skip
 
@@ -55,8 +56,6 @@ def mark_detached(path: Path, state: str, failure: str | None = None) -> None:
     """Best effort after a failed write: clear the open-for-write flags and record `state` in the detached
     file (both in place: no new space), and `failure` where the disk has room for it. Where this fails,
     the file stays as a killed run's is, readable with routescope and fixable with `routescope repair`."""
-    from routescope.repair import clear_open_flags
-
     try:
         clear_open_flags(path)
         f = h5py.File(path, "r+", rdcc_nbytes=0)

@@ -1,4 +1,4 @@
-"""Metrics of the L1-sparse and MoE families (DESIGN.md, "Metrics"); use them through routescope.metrics.
+"""Metrics of the L1-sparse and MoE families (docs/metrics.md); family.py puts them behind the common interface.
 
 Like the tree metrics, each is computed from counts summed over a window of intervals, per layer.
 The numpy cores take any leading shape, so one function gives a window summary and a time series.
@@ -20,14 +20,22 @@ them); `dead_experts` (experts that no token selected, hence processed none), `r
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from routescope.metrics import MetricsError, pick_layers, select_window, window_counts
+from routescope.analysis.window import (
+    MetricsError,
+    Window,
+    layer_configs,
+    pick_layers,
+    rolling_sums,
+    select_window,
+    window_bounds,
+    window_counts,
+)
 
 L1_METRICS = ("active_mean", "active_p50", "active_p99", "active_max", "active_fraction", "dead_units", "dead_fraction")
 MOE_METRICS = ("load_cv", "max_mean_load", "dead_experts", "router_entropy", "router_entropy_norm", "drop_fraction",
@@ -54,13 +62,11 @@ class FamilyLayer:
 
 def family_layers(ds: xr.Dataset, family: str) -> list[FamilyLayer]:
     """The layers of an `l1` or `moe` group, from its layer variables and `layers` attribute."""
-    configs = json.loads(ds.attrs.get("layers", "[]"))
     width_var = "layer_units" if family == "l1" else "layer_experts"
     out = []
-    for i in range(ds.sizes["layer"]):
+    for i, config in enumerate(layer_configs(ds)):
         k = int(ds["layer_k"].values[i]) if family == "moe" else 0
-        out.append(FamilyLayer(i, str(ds["layer_name"].values[i]), family, int(ds[width_var].values[i]), k,
-                               configs[i] if i < len(configs) else {}))  # fmt: skip
+        out.append(FamilyLayer(i, str(ds["layer_name"].values[i]), family, int(ds[width_var].values[i]), k, config))
     return out
 
 
@@ -121,7 +127,7 @@ def moe_metrics_numpy(counts: dict[str, np.ndarray], experts: int, k: int) -> di
         }
 
 
-def _layer_metrics(counts: dict[str, np.ndarray], layer: FamilyLayer, ds: xr.Dataset, leading: int) -> dict[str, np.ndarray]:
+def layer_metrics(counts: dict[str, np.ndarray], layer: FamilyLayer, ds: xr.Dataset, leading: int) -> dict[str, np.ndarray]:
     """One layer's metrics from group-wide counts shaped (lead..., layer, ...)."""
     idx = (slice(None),) * leading + (layer.index,)
     mine = {name: (value if name == "tokens" else value[idx]) for name, value in counts.items()}
@@ -132,7 +138,7 @@ def _layer_metrics(counts: dict[str, np.ndarray], layer: FamilyLayer, ds: xr.Dat
     return moe_metrics_numpy(mine, layer.width, layer.k)
 
 
-def _check_family(ds: xr.Dataset, family: str) -> None:
+def check_family(ds: xr.Dataset, family: str) -> None:
     if family not in FAMILY_METRICS:
         raise MetricsError(f"no family metrics for {family!r}; families: {', '.join(FAMILY_METRICS)} (tree: summarize)")
     needed = FAMILY_COUNTS[family][1:]
@@ -145,11 +151,11 @@ def select_family_layers(ds: xr.Dataset, family: str, layers: list[int] | None) 
     return pick_layers(family_layers(ds, family), layers, f"{family} layer")
 
 
-def summarize_family(ds: xr.Dataset, family: str, window: tuple[int | None, int | None] = (None, None),
+def summarize_family(ds: xr.Dataset, family: str, window: Window = (None, None),
                      layers: list[int] | None = None) -> xr.Dataset:  # fmt: skip
     """Window metrics per layer of an `l1` or `moe` group (dims layer; unit_firing_rate (layer, unit),
     tokens_per_expert (layer, expert))."""
-    _check_family(ds, family)
+    check_family(ds, family)
     infos = select_family_layers(ds, family, layers)
     selected = select_window(ds, window)
     counts = window_counts(selected, (*FAMILY_COUNTS[family], "layer_tokens"))
@@ -158,33 +164,28 @@ def summarize_family(ds: xr.Dataset, family: str, window: tuple[int | None, int 
     data = {name: np.full(len(infos), np.nan) for name in FAMILY_METRICS[family]}
     vec = np.full((len(infos), width), np.nan)
     for row, info in enumerate(infos):
-        values = _layer_metrics(counts, info, ds, leading=0)
+        values = layer_metrics(counts, info, ds, leading=0)
         for name in FAMILY_METRICS[family]:
             data[name][row] = values[name]
         vec[row, : info.width] = values[vector]
     out = {name: (("layer",), v) for name, v in data.items()}
     out[vector] = (("layer", vdim), vec)
-    steps = selected["step"].values
     return xr.Dataset(out, coords={"layer": [info.index for info in infos], vdim: ds[vdim].values},
-                      attrs={"family": family, "window_first_step": int(steps[0]), "window_last_step": int(steps[-1]),
-                             "intervals": len(steps)})  # fmt: skip
+                      attrs={"family": family, **window_bounds(selected)})
 
 
 def family_timeseries(ds: xr.Dataset, family: str, rolling: int | None = 10, layers: list[int] | None = None) -> xr.Dataset:
     """Each l1/moe metric per interval over the last `rolling` intervals (None: cumulative); dims (step, layer)."""
-    _check_family(ds, family)
+    check_family(ds, family)
     infos = select_family_layers(ds, family, layers)
-    names = (*FAMILY_COUNTS[family], "layer_tokens")
-    raw = {n: ds[n].values for n in names if n in ds}  # these groups are small: KBs per interval
-    cum = {n: np.cumsum(v, axis=0) for n, v in raw.items()}
-    if rolling is not None:
-        cum = {n: c - np.concatenate([np.zeros((rolling,) + c.shape[1:], c.dtype), c])[: len(c)] for n, c in cum.items()}
     steps = ds["step"].values
     data = {name: np.full((len(steps), len(infos)), np.nan) for name in FAMILY_METRICS[family]}
-    for row, info in enumerate(infos):
-        values = _layer_metrics(cum, info, ds, leading=1)
-        for name in FAMILY_METRICS[family]:
-            data[name][:, row] = values[name]
+    for at, sums in rolling_sums(ds, (*FAMILY_COUNTS[family], "layer_tokens"), rolling):
+        n = len(sums["tokens"])
+        for row, info in enumerate(infos):
+            values = layer_metrics(sums, info, ds, leading=1)
+            for name in FAMILY_METRICS[family]:
+                data[name][at : at + n, row] = values[name]
     return xr.Dataset({n: (("step", "layer"), v) for n, v in data.items()},
                       coords={"step": steps, "layer": [info.index for info in infos]},
                       attrs={"family": family, "rolling": rolling if rolling is not None else "cumulative"})  # fmt: skip

@@ -10,15 +10,13 @@ GPT-2 (`GPT2MLP`), OPT (fc1, activation_fn and fc2 live on `OPTDecoderLayer`) an
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from routescope import distributed
+from routescope.record import distributed
 
 
 @dataclass(frozen=True)
@@ -170,14 +168,3 @@ def _match_placement(layer: nn.Module, old: nn.Module) -> None:
             if param.is_floating_point() and param.dtype != reference.dtype:
                 param.data = param.data.to(reference.dtype)
     layer.train(old.training)
-
-
-class _CallableModule(types.ModuleType):
-    """`routescope.patch` names both this module and the function: once the module is imported, Python
-    sets the package attribute to the module, so the module forwards calls to the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, nn.Module]:
-        return patch(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,4 +1,4 @@
-"""The run file's variables per layer family (DESIGN.md, "The file format"), declared once.
+"""The run file's variables per layer family (docs/file-format.md), declared once.
 
 The layers size their accumulators from it, the recorder packs and unpacks its flat buffers in its
 order, and the store creates one HDF5 group per family from it. No torch, no h5py: plain data.

@@ -1,6 +1,6 @@
-"""Routing-dynamics metrics over windows of steps (DESIGN.md, "Metrics"): one implementation for the
-CLI, the dashboard and the notebooks. This file holds the tree family's; the L1 and MoE families'
-(`summarize_family`, `family_timeseries`, ...) are in metrics_families.py and reachable from here.
+"""The tree family's metrics over windows of steps (docs/metrics.md): one implementation for the
+CLI, the dashboard and the notebooks. The L1 and MoE families' are in families.py; family.py puts
+all three behind one interface.
 
 Every metric is computed from counts summed over a window of intervals, per tree, then averaged over
 the trees of a layer (plain mean). Entropies are in bits. The core works on numpy arrays with any
@@ -10,15 +10,32 @@ interval, streamed through the file block by block, never loading whole variable
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-FROZEN_EPSILON = 0.01  # a live node is frozen when min(p, 1 - p) < epsilon
+from routescope.analysis.stats import (
+    FROZEN_EPSILON,
+    binary_entropy,
+    entropy_bits,
+    entropy_miller_madow,
+    gini,
+    is_frozen,
+    node_moments,
+    right_share,
+)
+from routescope.analysis.window import (
+    Window,
+    in_window,
+    layer_configs,
+    pick_layers,
+    rolling_sums,
+    select_window,
+    window_bounds,
+    window_counts,
+)
 TREE_METRICS = (
     "routing_entropy", "balance", "leaf_entropy_norm", "effective_leaves", "dead_fraction", "frozen_fraction",
     "static_fraction", "active_fraction", "firing_fraction", "leaf_gini",
@@ -26,11 +43,6 @@ TREE_METRICS = (
 COUNT_VARIABLES = ("tokens", "node_visits", "node_right", "node_fires", "leaf_visits", "leaf_fires",
                    "node_act_sum", "node_act_sqsum")  # fmt: skip
 SUMMARY_VARIABLES = ("tokens", "node_visits", "node_right", "node_fires", "leaf_visits", "leaf_fires")
-BLOCK_BYTES = 64 * 1024 * 1024  # rows of the file read at once when streaming
-
-
-class MetricsError(ValueError):
-    """A bad window or layer selection; the message says what is wrong and what to do."""
 
 
 @dataclass(frozen=True)
@@ -48,10 +60,8 @@ class LayerInfo:
 
 def layer_infos(ds: xr.Dataset) -> list[LayerInfo]:
     """Per-layer shape and variant, from the file's `layers` attribute and layer variables."""
-    configs = json.loads(ds.attrs.get("layers", "[]"))
     infos = []
-    for i in range(ds.sizes["layer"]):
-        cfg = configs[i] if i < len(configs) else {}
+    for i, cfg in enumerate(layer_configs(ds)):
         infos.append(LayerInfo(
             index=i, name=str(ds["layer_name"].values[i]), family=cfg.get("family", "tree"),
             depth=int(ds["layer_depth"].values[i]), trees=int(ds["layer_trees"].values[i]),
@@ -63,49 +73,19 @@ def layer_infos(ds: xr.Dataset) -> list[LayerInfo]:
 # ---------------------------------------------------------------------------------------------- core
 
 
-def binary_entropy(p: np.ndarray) -> np.ndarray:
-    """H(p) in bits with H(0) = H(1) = 0 (NaN stays NaN)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = 1.0 - p
-        h = -(np.where(p > 0, p * np.log2(p), 0.0) + np.where(q > 0, q * np.log2(q), 0.0))
-    return np.where(np.isnan(p), np.nan, h)
-
-
-def entropy_bits(counts: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Shannon entropy (bits) of the distribution proportional to `counts` along `axis` (NaN if empty)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    total = counts.sum(axis=axis, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = counts / total
-        terms = np.where(q > 0, q * np.log2(q), 0.0)
-    h = -terms.sum(axis=axis)
-    return np.where(np.squeeze(total, axis=axis) > 0, h, np.nan)
-
-
-def gini(values: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Gini coefficient along `axis`: 0 when all equal, (n-1)/n when one holds everything."""
-    x = np.sort(np.moveaxis(np.asarray(values, dtype=np.float64), axis, -1), axis=-1)
-    n = x.shape[-1]
-    total = x.sum(-1)
-    rank = np.arange(1, n + 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        g = (2.0 * (rank * x).sum(-1)) / (n * total) - (n + 1.0) / n
-    return np.where(total > 0, g, np.nan)
-
-
 def _split_metrics(visits: np.ndarray, right: np.ndarray, epsilon: float) -> dict[str, np.ndarray]:
     """Visit-weighted routing entropy and balance of a set of decision nodes (last axis), and its
     dead and frozen node counts. Unvisited nodes have no split and carry no weight."""
-    visits, right = visits.astype(np.float64), right.astype(np.float64)
+    visits = visits.astype(np.float64)
     live = visits > 0
+    p = right_share(visits, right)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(live, right / visits, np.nan)
         total = visits.sum(-1)
         return {
             "routing_entropy": np.where(live, visits * binary_entropy(p), 0).sum(-1) / total,
             "balance": np.where(live, visits * (1 - np.abs(2 * p - 1)), 0).sum(-1) / total,
             "dead": (~live).sum(-1),
-            "frozen": (live & (np.minimum(p, 1 - p) < epsilon)).sum(-1),
+            "frozen": is_frozen(visits, right, epsilon).sum(-1),
         }
 
 
@@ -159,54 +139,7 @@ def depth_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, epsilon
     return {k: np.stack(v, axis=-1) if v else np.zeros(counts["tokens"].shape + (layer.trees, 0)) for k, v in out.items()}
 
 
-# ---------------------------------------------------------------------------------------------- windows
-
-
-def parse_window(text: str | None) -> tuple[int | None, int | None]:
-    """'a:b', 'a:', ':b' or None -> (start, end) of a half-open window of steps [start, end)."""
-    if text is None or text.strip() in ("", ":"):
-        return (None, None)
-    parts = text.split(":")
-    if len(parts) != 2:
-        raise MetricsError(f"window {text!r} must look like START:END (either may be left out), e.g. 100:500")
-    try:
-        start, end = (int(p) if p.strip() else None for p in parts)
-    except ValueError:
-        raise MetricsError(f"window {text!r} must hold integer steps, e.g. 100:500") from None
-    return start, end
-
-
-def select_window(ds: xr.Dataset, window: tuple[int | None, int | None] = (None, None)) -> xr.Dataset:
-    """The intervals whose closing step lies in [start, end); clear errors for empty or bad windows."""
-    start, end = window
-    steps = ds["step"].values
-    if len(steps) == 0:
-        raise MetricsError("the run has no complete interval yet; wait for the first one to be written")
-    if start is not None and end is not None and start >= end:
-        raise MetricsError(f"window {start}:{end} is empty or reversed; the start must be below the end")
-    keep = np.ones(len(steps), dtype=bool)
-    if start is not None:
-        keep &= steps >= start
-    if end is not None:
-        keep &= steps < end
-    if not keep.any():
-        raise MetricsError(
-            f"window {'' if start is None else start}:{'' if end is None else end} holds no interval; "
-            f"the run's intervals close at steps {steps[0]}..{steps[-1]}"
-        )
-    return ds.isel(step=np.flatnonzero(keep))
-
-
-def window_counts(ds: xr.Dataset, names: tuple[str, ...] = COUNT_VARIABLES) -> dict[str, np.ndarray]:
-    """Counts summed over all intervals of `ds` (streamed by dask, one pass), as numpy arrays without `step`."""
-    import dask
-
-    names = [n for n in names if n in ds]
-    summed = dask.compute(*[ds[n].data.sum(axis=0) if hasattr(ds[n].data, "dask") else ds[n].values.sum(0) for n in names])
-    return dict(zip(names, (np.asarray(s) for s in summed)))
-
-
-def _layer_slice(counts: dict[str, np.ndarray], layer: LayerInfo, leading: int) -> dict[str, np.ndarray]:
+def layer_slice(counts: dict[str, np.ndarray], layer: LayerInfo, leading: int) -> dict[str, np.ndarray]:
     """One layer's unpadded counts from arrays shaped (lead..., layer, tree, x)."""
     nodes, leaves = 2**layer.depth - 1, 2**layer.depth
     idx = (slice(None),) * leading + (layer.index,)
@@ -219,21 +152,12 @@ def _layer_slice(counts: dict[str, np.ndarray], layer: LayerInfo, leading: int) 
     return out
 
 
-def pick_layers(infos: list, layers: list[int] | None, what: str = "layer") -> list:
-    """The chosen entries of `infos` (all when `layers` is None); a clear error naming a bad index."""
-    if layers is None:
-        return infos
-    bad = [i for i in layers if not 0 <= i < len(infos)]
-    if bad:
-        raise MetricsError(f"no {what} {bad[0]} in this run; it has {what}s 0..{len(infos) - 1}")
-    return [infos[i] for i in layers]
-
-
 def select_layers(ds: xr.Dataset, layers: list[int] | None) -> list[LayerInfo]:
+    """The chosen tree layers (all when `layers` is None); a clear error for a bad index."""
     return pick_layers(layer_infos(ds), layers)
 
 
-def summarize(ds: xr.Dataset, window: tuple[int | None, int | None] = (None, None), layers: list[int] | None = None,
+def summarize(ds: xr.Dataset, window: Window = (None, None), layers: list[int] | None = None,
               epsilon: float = FROZEN_EPSILON) -> xr.Dataset:  # fmt: skip
     """Window metrics per tree (dims layer, tree) and per layer (suffix-free, mean over trees)."""
     infos = select_layers(ds, layers)
@@ -243,7 +167,7 @@ def summarize(ds: xr.Dataset, window: tuple[int | None, int | None] = (None, Non
     max_depth = max(info.depth for info in infos)
     per_depth = {name: np.full((len(infos), max_depth), np.nan) for name in ("routing_entropy", "balance", "dead_fraction", "frozen_fraction")}
     for row, info in enumerate(infos):
-        layer_counts = _layer_slice(counts, info, leading=0)
+        layer_counts = layer_slice(counts, info, leading=0)
         for name, value in tree_metrics_numpy(layer_counts, info, epsilon).items():
             per_tree[name][row, : info.trees] = value
         for name, value in depth_metrics_numpy(layer_counts, info, epsilon).items():
@@ -252,34 +176,20 @@ def summarize(ds: xr.Dataset, window: tuple[int | None, int | None] = (None, Non
     data = {name: (("layer",), np.nanmean(v, axis=1)) for name, v in per_tree.items()}
     data.update({f"tree_{name}": (("layer", "tree"), v) for name, v in per_tree.items()})
     data.update({f"depth_{name}": (("layer", "depth"), v) for name, v in per_depth.items()})
-    steps = select_window(ds, window)["step"].values
-    return xr.Dataset(data, coords=coords, attrs={"window_first_step": int(steps[0]), "window_last_step": int(steps[-1]),
-                                                  "intervals": len(steps)})  # fmt: skip
+    return xr.Dataset(data, coords=coords, attrs=window_bounds(select_window(ds, window)))
 
 
-def node_table(ds: xr.Dataset, window: tuple[int | None, int | None] = (None, None)) -> xr.Dataset:
+def node_table(ds: xr.Dataset, window: Window = (None, None)) -> xr.Dataset:
     """Per node over the window: visits, split p_n, entropy, drift mu_n and spread sigma_n (layer, tree, node)."""
-    counts = window_counts(select_window(ds, window))
-    visits = counts["node_visits"].astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(visits > 0, counts["node_right"] / visits, np.nan)
-        mu = np.where(visits > 0, counts["node_act_sum"] / visits, np.nan)
-        sigma = np.sqrt(np.maximum(np.where(visits > 0, counts["node_act_sqsum"] / visits, np.nan) - mu**2, 0))
+    counts = window_counts(select_window(ds, window), COUNT_VARIABLES)
+    p = right_share(counts["node_visits"], counts["node_right"])
+    mu, sigma = node_moments(counts["node_visits"], counts["node_act_sum"], counts["node_act_sqsum"])
     dims = ("layer", "tree", "node")
     return xr.Dataset({"visits": (dims, counts["node_visits"]), "p": (dims, p), "entropy": (dims, binary_entropy(p)),
                        "mu": (dims, mu), "sigma": (dims, sigma)}, coords={k: ds[k].values for k in dims})  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- over training
-
-
-def _blocks(ds: xr.Dataset, names: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
-    """Consecutive blocks of whole intervals, as numpy, about BLOCK_BYTES per variable."""
-    row_bytes = max(ds[n].dtype.itemsize * int(np.prod(ds[n].shape[1:])) for n in names)
-    rows = max(1, BLOCK_BYTES // row_bytes)
-    for start in range(0, ds.sizes["step"], rows):
-        block = ds.isel(step=slice(start, start + rows))
-        yield {n: block[n].values for n in names}
 
 
 def timeseries(ds: xr.Dataset, rolling: int | None = 10, layers: list[int] | None = None,
@@ -291,26 +201,11 @@ def timeseries(ds: xr.Dataset, rolling: int | None = 10, layers: list[int] | Non
     steps = ds["step"].values
     max_trees = max(info.trees for info in infos)
     out = {name: np.full((len(steps), len(infos), max_trees), np.nan) for name in TREE_METRICS}
-    history: dict[str, np.ndarray] | None = None
-    at = 0
-    for block in _blocks(ds, names):
-        n = len(block["tokens"])
-        if history is None:  # cumulative sums through the `rolling` intervals before this block
-            history = {k: np.zeros(((rolling or 1),) + v.shape[1:], dtype=v.dtype) for k, v in block.items()}
-        window = {}
-        for k, v in block.items():
-            cum = history[k][-1] + np.cumsum(v, axis=0)
-            if rolling is None:
-                window[k] = cum
-                history[k] = cum[-1:]
-            else:
-                both = np.concatenate([history[k], cum])
-                window[k] = cum - both[:n]
-                history[k] = both[-rolling:]
+    for at, sums in rolling_sums(ds, names, rolling):
+        n = len(sums["tokens"])
         for row, info in enumerate(infos):
-            for name, value in tree_metrics_numpy(_layer_slice(window, info, leading=1), info, epsilon).items():
+            for name, value in tree_metrics_numpy(layer_slice(sums, info, leading=1), info, epsilon).items():
                 out[name][at : at + n, row, : info.trees] = value
-        at += n
     coords = {"step": steps, "layer": [info.index for info in infos]}
     data = {name: (("step", "layer"), np.nanmean(v, axis=2)) for name, v in out.items()}
     data.update({f"tree_{name}": (("step", "layer", "tree"), v) for name, v in out.items()})
@@ -330,27 +225,14 @@ def first_step_where(curve: xr.DataArray, condition: Any) -> xr.DataArray:
 
 def node_drift(ds: xr.Dataset) -> xr.DataArray:
     """mu_n = node_act_sum / node_visits per interval (step, layer, tree, node); NaN where unvisited. Lazy."""
-    visits = ds["node_visits"]
-    return (ds["node_act_sum"] / visits.where(visits > 0)).rename("mu")
+    mu = xr.apply_ufunc(lambda visits, total: node_moments(visits, total)[0], ds["node_visits"], ds["node_act_sum"],
+                        dask="parallelized", output_dtypes=[np.float64])  # fmt: skip
+    return mu.rename("mu")
 
 
-def _entropy_miller_madow(counts: np.ndarray) -> float:
-    """Plug-in entropy (bits) with the Miller-Madow bias correction (m - 1) / (2N ln 2)."""
-    counts = counts[counts > 0]
-    total = counts.sum()
-    if total == 0:
-        return float("nan")
-    return float(entropy_bits(counts) + (len(counts) - 1) / (2 * total * np.log(2)))
-
-
-def mutual_information(traces: xr.Dataset, window: tuple[int | None, int | None] = (None, None)) -> xr.DataArray:
+def mutual_information(traces: xr.Dataset, window: Window = (None, None)) -> xr.DataArray:
     """I(token; leaf) in bits per layer (mean over trees) from the sampled traces, Miller-Madow corrected."""
-    steps = traces["sample_step"].values
-    keep = np.ones(len(steps), dtype=bool)
-    if window[0] is not None:
-        keep &= steps >= window[0]
-    if window[1] is not None:
-        keep &= steps < window[1]
+    keep = in_window(traces["sample_step"].values, window)
     tokens = traces["token_id"].values[keep]
     leaves = traces["leaf"].values[keep]  # (sample, layer, tree)
     valid_tokens = tokens >= 0
@@ -364,24 +246,8 @@ def mutual_information(traces: xr.Dataset, window: tuple[int | None, int | None]
                 continue
             t, lf = tokens[ok].astype(np.int64), leaf[ok].astype(np.int64)
             joint = t * (int(lf.max()) + 1) + lf
-            h = [_entropy_miller_madow(np.bincount(np.unique(a, return_inverse=True)[1])) for a in (t, lf, joint)]
+            h = [entropy_miller_madow(np.bincount(np.unique(a, return_inverse=True)[1])) for a in (t, lf, joint)]
             values.append(h[0] + h[1] - h[2])
         if values:
             result[layer] = float(np.mean(values))
     return xr.DataArray(result, dims=("layer",), coords={"layer": traces["layer"].values}, name="mutual_information")
-
-
-# The L1 and MoE families' metrics live in metrics_families.py (which imports this module); they are
-# reachable from here too, imported on first use so that neither module imports the other at load time.
-_FAMILY_NAMES = ("L1_METRICS", "MOE_METRICS", "FAMILY_METRICS", "FamilyLayer", "family_layers", "histogram_quantile",
-                 "l1_metrics_numpy", "moe_metrics_numpy", "select_family_layers", "summarize_family",
-                 "family_timeseries")  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    """routescope.metrics.summarize_family and the other L1/MoE metrics (see metrics_families.py)."""
-    if name in _FAMILY_NAMES:
-        from routescope import metrics_families
-
-        return getattr(metrics_families, name)
-    raise AttributeError(f"module 'routescope.metrics' has no attribute {name!r}")

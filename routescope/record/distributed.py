@@ -102,7 +102,7 @@ def open_on_writer(make: Callable[[], Any], describe: Callable[[Any], Any]) -> t
     raise RunFileError with that message, so a writer that cannot open its file stops every rank at
     start instead of leaving them waiting in the first all-reduce.
     """
-    from routescope.store import RunFileError
+    from routescope.store.format import RunFileError
 
     if not is_active():
         made = make()

@@ -1,6 +1,6 @@
 """Writing run files: `RunWriter` creates a file (or reopens one to resume) and appends one interval at a time.
 
-The layout is routescope.store's (DESIGN.md, "The file format"). A failed write must never leave a
+The layout is docs/file-format.md's. A failed write must never leave a
 half-written interval, crash the process at exit or fail silently, so the writer (a) keeps a reserve of
 free space and stops cleanly before the disk fills, (b) writes data through no chunk cache and keeps
 its dataset handles open, so every HDF5 write error surfaces in the call that caused it (not in a
@@ -19,9 +19,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from routescope.resume import check_same_run, complete_rows, truncate
-from routescope.schema import COMMON_TRACES, FAMILIES, Family, coordinate_values
-from routescope.store import (
+from routescope.store.resume import check_same_run, complete_rows, truncate
+from routescope.store.schema import COMMON_TRACES, FAMILIES, Family, coordinate_values
+from routescope.store.lock import WriterLock
+from routescope.store.repair import clear_open_flags
+from routescope.store.format import (
     ALL_TRACE_VARIABLES,
     COMPRESS_MIN_BYTES,
     COMPRESSION,
@@ -31,10 +33,10 @@ from routescope.store import (
     SMALL_CHUNK_BYTES,
     LayerLayout,
     RunFileError,
-    _first_line,
-    _row_bytes,
+    first_line,
+    row_bytes,
 )
-from routescope.write_errors import DiskSpaceError, WriteFailedError, detach_and_close, mark_detached, mib, room_for
+from routescope.store.write_errors import DiskSpaceError, WriteFailedError, detach_and_close, mark_detached, mib, room_for
 
 RESERVE_MIN_BYTES = 1 << 20  # free space always kept: the final close's flush, with room to spare
 RESERVE_INTERVALS = 2  # ... plus this many of the largest intervals written so far (new chunks included)
@@ -53,11 +55,11 @@ def _create_growing(
     """A dataset resizable along its first dimension, fixed elsewhere, chunked as COMPRESS_MIN_BYTES explains."""
     row = tuple(sizes[d] for d in dims[1:])
     dt = np.dtype(dtype)
-    write_bytes = rows_per_write * _row_bytes(row, dt.itemsize)
+    write_bytes = rows_per_write * row_bytes(row, dt.itemsize)
     if write_bytes >= COMPRESS_MIN_BYTES:
         rows, options = rows_per_write, COMPRESSION
     else:
-        rows, options = max(rows_per_write, SMALL_CHUNK_BYTES // _row_bytes(row, dt.itemsize)), {}
+        rows, options = max(rows_per_write, SMALL_CHUNK_BYTES // row_bytes(row, dt.itemsize)), {}
     # h5py cannot chunk a fixed dimension of size 0 (a depth-0 tree has no decision nodes).
     maxshape = (None, *(s if s > 0 else None for s in row))
     chunks = (rows, *(max(s, 1) for s in row))
@@ -102,8 +104,6 @@ class RunWriter:
         reserve_bytes: int | None = None,
         fsync: bool = False,
     ) -> None:
-        from routescope.lock import WriterLock
-
         self.path = Path(path)
         # Free space the writer never uses: None keeps RESERVE_MIN_BYTES plus RESERVE_INTERVALS of the largest
         # interval so far; 0 switches the check off (a write can then meet a full disk).
@@ -177,8 +177,6 @@ class RunWriter:
     def _reopen(self, layers: list[LayerLayout], attrs: dict[str, Any], context: int, resume_step: int | None,
                 config_may_differ: tuple[str, ...]) -> None:  # fmt: skip
         """Resume: check the file records the same layers and settings, cut it to its complete rows, reopen for SWMR writing."""
-        from routescope.repair import clear_open_flags
-
         p = self.path
         if not p.exists():
             raise RunFileError(f"{p}: no such file to resume; record a new run instead")
@@ -186,7 +184,7 @@ class RunWriter:
         try:
             f = h5py.File(p, "r+", libver="latest", rdcc_nbytes=0)
         except OSError as err:  # e.g. HDF5's own lock, held by a plain (non-SWMR) reader
-            raise RunFileError(f"cannot reopen {p} to resume it ({_first_line(err)}); close the programs reading it") from None
+            raise RunFileError(f"cannot reopen {p} to resume it ({first_line(err)}); close the programs reading it") from None
         self.file = f
         try:
             check_same_run(f, p, layers, attrs, self.scalars, config_may_differ)

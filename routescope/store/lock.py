@@ -12,7 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from routescope.store import RunFileError
+from routescope.store.format import RunFileError
 
 
 class RunLockedError(RunFileError):

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from routescope.store import RunFileError, open_h5
+from routescope.store.format import RunFileError
+from routescope.store.reader import open_h5
 
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 FLAGS_AT = 11  # superblock v2/v3: signature (8), version, size of offsets, size of lengths, consistency flags

@@ -14,8 +14,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from routescope.schema import FAMILIES
-from routescope.store import RUN_FIXED_SCALARS, LayerLayout, RunFileError, _dims_of
+from routescope.store.format import RUN_FIXED_SCALARS, LayerLayout, RunFileError
+from routescope.store.reader import dims_of
+from routescope.store.schema import FAMILIES
 
 
 def _first_difference(old: Any, new: Any, ignore: tuple[str, ...], prefix: str = "") -> str | None:
@@ -69,7 +70,7 @@ def _step_groups(f: h5py.File) -> list[h5py.Group]:
 
 
 def _growing(group: h5py.Group, dim: str) -> list[h5py.Dataset]:
-    return [d for d in group.values() if d.ndim >= 1 and _dims_of(d)[:1] == (dim,)]
+    return [d for d in group.values() if d.ndim >= 1 and dims_of(d)[:1] == (dim,)]
 
 
 def complete_rows(f: h5py.File, resume_step: int | None) -> int:

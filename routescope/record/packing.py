@@ -1,0 +1,108 @@
+"""Packing a model's routing statistics into flat buffers and back: the recorder's data layout.
+
+At an interval end the recorder concatenates every layer's accumulators into one int64 and one
+float64 buffer (in `packing_order`), copies them to the host without a sync, and the writer thread
+unpacks them here into one padded array per file variable (routescope.store.schema).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from routescope.store.format import LayerLayout
+from routescope.store.schema import FAMILIES, Family
+from routescope.store.writer import RunWriter
+
+
+def packing_order(family: Family) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The order a layer's statistics take in the flat buffers: (int64 names, float64 names)."""
+    ints = ("tokens", *(name for name, v in family.stats.items() if v.dtype.startswith("i")))
+    return ints, tuple(name for name, v in family.stats.items() if v.dtype.startswith("f"))
+
+
+@dataclass
+class Interval:
+    """One interval on its way to the writer thread: host buffers (maybe still being filled) and their layout."""
+
+    step: int
+    ints: Tensor
+    floats: Tensor
+    ready: torch.cuda.Event | None
+    scalars: dict[str, float]
+    scalar_names: tuple[str, ...]  # names of the trailing entries of `floats`
+    trace_count: int
+    has_token_ids: bool
+    id_tokens: int
+    elapsed_s: float
+
+
+
+def take_into(rows: dict[str, np.ndarray], names: tuple[str, ...], family: Family, at: int, sizes: dict[str, int],
+               flat: np.ndarray, start: int) -> int:  # fmt: skip
+    """Copy one layer's statistics out of a flat host buffer into their padded rows at layer position `at`."""
+    for name in names:
+        shape = family.layer_shape(name, sizes)
+        size = int(np.prod(shape, dtype=np.int64))
+        rows[name][(at, *(slice(0, s) for s in shape))] = flat[start : start + size].reshape(shape)
+        start += size
+    return start
+
+
+def layout_of(name: str, layer: nn.Module) -> LayerLayout:
+    """What the writer needs to know about one routed layer."""
+    spec = layer.spec.to_dict()
+    if layer.family == "tree":
+        return LayerLayout(name, layer.depth, layer.trees, spec)
+    return LayerLayout(name, config=spec, family=layer.family)
+
+
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Move a small host tensor to the device without a sync: a pageable copy to CUDA would block."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(flat: Tensor) -> Tensor:
+    """Start a copy to host memory; pinned and asynchronous on CUDA (the writer waits on an event)."""
+    if flat.device.type != "cuda":
+        return flat.cpu()
+    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+    host.copy_(flat, non_blocking=True)
+    return host
+
+
+def unpack_traces(item: Interval, ints: np.ndarray, floats: np.ndarray, i: int, f: int, writer: RunWriter,
+              placed: list[tuple[str, int, dict[str, int]]], context: int) -> tuple[dict[str, np.ndarray], int, int]:
+    """The sampled tokens' trace rows of one interval out of the flat host buffers (from positions i, f);
+    `placed`: per recorded layer, its family, its index in the family group and its dimension sizes."""
+    k = item.trace_count
+    traces: dict[str, np.ndarray] = {"sample_step": np.full(k, item.step)}
+    for name in writer.families:
+        family, sizes = FAMILIES[name], writer.group_sizes[name]
+        for var, v in family.traces.items():
+            shape = (k, sizes["layer"], *family.trace_shape(var, sizes))
+            traces[var] = np.full(shape, -1 if v.dtype.startswith("i") else np.nan, dtype=np.dtype(v.dtype))
+    for family_name, at, sizes in placed:
+        family = FAMILIES[family_name]
+        for var, v in family.traces.items():
+            shape = (k, *family.trace_shape(var, sizes))
+            size = int(np.prod(shape))
+            if v.dtype.startswith("i"):
+                values, i = ints[i : i + size], i + size
+            else:
+                values, f = floats[f : f + size], f + size
+            traces[var][(slice(None), at, *(slice(0, s) for s in shape[1:]))] = values.reshape(shape)
+    if item.has_token_ids:
+        sequence, position = ints[i : i + k], ints[i + k : i + 2 * k]
+        context = ints[i + 2 * k : i + 2 * k + k * context].reshape(k, context)
+        i += 2 * k + k * context
+        traces.update(sequence=sequence, position=position, token_id=context[:, -1], context_ids=context)
+    else:
+        traces.update({name: np.full(k, -1) for name in ("sequence", "position", "token_id")})
+        traces["context_ids"] = np.full((k, context), -1)
+    return traces, i, f
