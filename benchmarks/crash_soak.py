@@ -6,7 +6,7 @@
 Kills: tests/crashkit.py children (debug, debug-l1, debug-moe, and `routescope record` every fourth
 kill) get SIGKILL at a seeded moment 0–2 s after their first flushed interval; each file must open
 with h5py (plain or SWMR, counted), with routescope.open, keep every interval reported flushed, and
-satisfy the DESIGN.md invariants. Full disks: `routescope record` under a seeded RLIMIT_FSIZE (the kernel
+satisfy the file invariants (docs/file-format.md). Full disks: `routescope record` under a seeded RLIMIT_FSIZE (the kernel
 refuses to grow the file, as a full disk does), with the free-space reserve on and off (off: HDF5 meets
 the failed write itself); each must exit 2 with one `error:` line and leave a complete file that plain
 h5py opens, marked failed, invariant-clean, within the limit. Fuzz: copies of finished and killed run files with bit flips,

@@ -4,7 +4,7 @@ writer, then the full report (window metrics of every layer), timed, as seconds 
     python benchmarks/metrics_large.py                       # 24 layers x depth 12, 400 intervals
     python benchmarks/metrics_large.py --intervals 10000     # the full-size run of issue 4 (many GB)
 
-The routing is synthetic but consistent (node counts are summed from leaf counts, so every DESIGN.md
+The routing is synthetic but consistent (node counts are summed from leaf counts, so every docs/file-format.md
 invariant holds) and drifts over training: leaves die at random, as auto-pruning makes them.
 """
 

@@ -27,7 +27,7 @@ NODE_COLORINGS = {
 }
 
 
-def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
+def style_layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
     """Paper-ready defaults: white template, labelled axes, compact margins."""
     fig.update_layout(template=TEMPLATE, title=title, margin=dict(l=60, r=20, t=60, b=50), legend_title_text="")
     fig.update_xaxes(title_text=x)
@@ -54,7 +54,7 @@ def bin_curve(steps: np.ndarray, values: np.ndarray, max_points: int = MAX_POINT
     return bsteps, binned, k
 
 
-def _binned_note(k: int) -> str:
+def binned_note(k: int) -> str:
     return f" (mean of {k} intervals per point)" if k > 1 else ""
 
 
@@ -74,7 +74,7 @@ def path_usage(counts: np.ndarray, step: int, layer: int, log: bool = False) -> 
     fig.update_layout(barmode="group", bargap=0.05)
     if log:
         fig.update_yaxes(type="log")
-    return _layout(fig, f"Path usage: layer {layer}, interval ending at step {step}", "leaf", "tokens")
+    return style_layout(fig, f"Path usage: layer {layer}, interval ending at step {step}", "leaf", "tokens")
 
 
 def frame_indices(n: int, max_frames: int = 60) -> np.ndarray:
@@ -180,7 +180,7 @@ def metric_heatmap(steps: np.ndarray, values: np.ndarray, metric: str) -> go.Fig
     """One metric as a (layer × step) heatmap: values (step, layer)."""
     bsteps, binned, k = bin_curve(np.asarray(steps), np.asarray(values, dtype=float))
     fig = go.Figure(go.Heatmap(x=bsteps, y=np.arange(binned.shape[1]), z=binned.T, colorscale="Viridis", colorbar=dict(title=dict(text=metric))))
-    return _layout(fig, f"{metric} per layer{_binned_note(k)}", "step", "layer")
+    return style_layout(fig, f"{metric} per layer{binned_note(k)}", "step", "layer")
 
 
 def metric_lines(
@@ -199,7 +199,7 @@ def metric_lines(
         ok = np.isfinite(lvals)
         if ok.any():
             fig.add_scatter(x=lsteps[ok], y=lvals[ok], mode="lines+markers" if ok.sum() < 50 else "lines", name=name, row=1, col=2)
-    _layout(fig, f"{metric} over training{_binned_note(k)}", "step", "")
+    style_layout(fig, f"{metric} over training{binned_note(k)}", "step", "")
     fig.update_yaxes(title_text=metric, row=1, col=1)
     fig.update_yaxes(title_text="cross-entropy (nats)", row=1, col=2)
     return fig
@@ -237,7 +237,7 @@ def drift_figure(
             text=[f"node {n}: {k}" for n, k in zip(sel["node"], sel["kind"] if "kind" in sel else [label] * len(sel))], hoverinfo="text+x",
         )  # fmt: skip
     fig.add_hline(y=0, line_color="gray", line_width=1)
-    return _layout(fig, f"Node drift μ_n, layer {layer} tree {tree}{_binned_note(k)}", "step", "μ_n (mean pre-activation)")
+    return style_layout(fig, f"Node drift μ_n, layer {layer} tree {tree}{binned_note(k)}", "step", "μ_n (mean pre-activation)")
 
 
 # ---- 5. tokens ----------------------------------------------------------------------------------------
@@ -278,16 +278,16 @@ def compare_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], metric: 
         if len(labels) == 1:
             steps, values = curves[labels[0]]
             bsteps, binned, k = bin_curve(steps, values)
-            note = note or _binned_note(k)
+            note = note or binned_note(k)
             fig.add_scatter(x=bsteps, y=binned, mode="lines", name=group, line=dict(color=color))
             continue
         n = min(len(curves[lab][0]) for lab in labels)  # common steps of the group
         steps = curves[labels[0]][0][:n]
         stack = np.stack([curves[lab][1][:n] for lab in labels])
         bsteps, binned, k = bin_curve(steps, stack.T)
-        note = note or _binned_note(k)
+        note = note or binned_note(k)
         lo, hi, mean = binned.min(axis=1), binned.max(axis=1), binned.mean(axis=1)
         fig.add_scatter(x=np.concatenate([bsteps, bsteps[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
                         fillcolor=color, opacity=0.2, line=dict(width=0), name=f"{group} (min–max of {len(labels)})", hoverinfo="skip")  # fmt: skip
         fig.add_scatter(x=bsteps, y=mean, mode="lines", name=f"{group} (mean of {len(labels)})", line=dict(color=color))
-    return _layout(fig, f"{metric}: runs compared{note}", "step", metric)
+    return style_layout(fig, f"{metric}: runs compared{note}", "step", metric)

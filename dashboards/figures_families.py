@@ -13,7 +13,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from routescope.dashboards.figures import TEMPLATE, _binned_note, _layout, bin_curve
+from routescope.dashboards.figures import TEMPLATE, bin_curve, binned_note, style_layout
 
 # Curve panels over training: (panel title, metrics of routescope.metrics_families, y-axis label).
 L1_PANELS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -49,7 +49,7 @@ def expert_load_heatmap(steps: np.ndarray, share: np.ndarray, layer: str) -> go.
                    colorbar=dict(title=dict(text="share of k·tokens")),
                    hovertemplate="step %{x}<br>expert %{y}<br>share %{z:.3f}<extra></extra>")
     )  # fmt: skip
-    _layout(fig, f"Expert load, {layer} (uniform = 1/{experts} = {1 / experts:.3f}){_binned_note(k)}", "step", "expert")
+    style_layout(fig, f"Expert load, {layer} (uniform = 1/{experts} = {1 / experts:.3f}){binned_note(k)}", "step", "expert")
     fig.update_yaxes(dtick=1 if experts <= 32 else None)
     return fig
 
@@ -78,7 +78,7 @@ def expert_load_bars(
     dead = int((selected == 0).sum())
     title = (f"Expert load, {layer}, interval ending at step {step}: load CV {load_cv:.3f}, max/mean {max_mean_load:.2f}"
              + (f", {dead} dead" if dead else ""))  # fmt: skip
-    _layout(fig, title, "expert", "share of k·tokens")
+    style_layout(fig, title, "expert", "share of k·tokens")
     fig.update_xaxes(dtick=1 if experts <= 32 else None)
     return fig
 
@@ -96,7 +96,7 @@ def coselect_heatmap(coselect: np.ndarray, tokens: float, step: int, layer: str)
             for i in range(experts)]  # fmt: skip
     fig = go.Figure(go.Heatmap(x=np.arange(experts), y=np.arange(experts), z=z, text=text, hoverinfo="text",
                                colorscale="Viridis", colorbar=dict(title=dict(text="share of tokens"))))  # fmt: skip
-    _layout(fig, f"Co-selection, {layer}, step {step}: tokens that chose both (diagonal blank)", "expert", "expert")
+    style_layout(fig, f"Co-selection, {layer}, step {step}: tokens that chose both (diagonal blank)", "expert", "expert")
     fig.update_yaxes(autorange="reversed", dtick=1 if experts <= 32 else None, scaleanchor="x")
     fig.update_xaxes(dtick=1 if experts <= 32 else None)
     return fig
@@ -129,7 +129,7 @@ def active_units_histogram(edges: np.ndarray, counts: np.ndarray, step: int, lay
                         line=dict(dash="dash", color="black"), hoverinfo="name")  # fmt: skip
     ticks = [0.5] + [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384) if v <= edges[-1]]
     fig.update_xaxes(type="log", tickvals=ticks, ticktext=["0"] + [str(v) for v in ticks[1:]])
-    return _layout(fig, f"Active units per token, {layer}, interval ending at step {step}", "active units per token (log)", "tokens")
+    return style_layout(fig, f"Active units per token, {layer}, interval ending at step {step}", "active units per token (log)", "tokens")
 
 
 def unit_firing_rates(rates: np.ndarray, step: int, layer: str) -> go.Figure:
@@ -145,7 +145,7 @@ def unit_firing_rates(rates: np.ndarray, step: int, layer: str) -> go.Figure:
                                hovertemplate="rank %{x}: unit %{customdata}<br>fires for %{y:.2%} of tokens<extra></extra>",
                                name="firing rate"))  # fmt: skip
     title = f"Per-unit firing rate, {layer}, step {step}: {dead} of {len(rates)} units dead"
-    return _layout(fig, title, "unit rank (busiest first)", "share of tokens")
+    return style_layout(fig, title, "unit rank (busiest first)", "share of tokens")
 
 
 # ---- both -------------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def family_curves(
             if name not in curves:
                 continue
             bsteps, binned, k = bin_curve(np.asarray(steps), np.asarray(curves[name], dtype=float))
-            note = note or _binned_note(k)
+            note = note or binned_note(k)
             fig.add_scatter(x=bsteps, y=binned, mode="lines+markers" if len(bsteps) < 50 else "lines",
                             name=CURVE_NAMES.get(name, name), row=row, col=1)  # fmt: skip
         fig.update_yaxes(title_text=unit, row=row, col=1)

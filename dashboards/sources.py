@@ -149,7 +149,7 @@ class RunSource:
 
     # ---- cached curves ----
     def curves(self) -> dict[str, np.ndarray]:
-        """Per-interval metrics (DESIGN.md names) as {metric: (step, layer)}, extended incrementally."""
+        """Per-interval metrics (report key names) as {metric: (step, layer)}, extended incrementally."""
         with self._lock:
             cache, n = self._cache, self.n_steps
             if self.tree is None or n == cache.steps:

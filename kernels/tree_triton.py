@@ -5,10 +5,10 @@ split each tree of depth d at level TOP = d + 1 − `sub_levels`: the top levels
 2^TOP subtrees of `sub_levels` levels (2^sub_levels − 1 units each, at most 64 by default).
 
 Forward, two launches:
-1. `_route_top_kernel` (skipped when TOP = 0): per block of tokens, z of every top node as one dense
+1. `route_top_kernel` (skipped when TOP = 0): per block of tokens, z of every top node as one dense
    `tl.dot` against the contiguous rows 0 .. 2^TOP − 2, the routing through the top levels, and a
    counting sort of the tokens by the subtree they enter (one atomic per subtree and block).
-2. `_subtree_kernel`: per block of tokens that share a subtree, z of all its units as one dense
+2. `subtree_kernel`: per block of tokens that share a subtree, z of all its units as one dense
    `tl.dot` against the subtree's rows, the routing inside it, then y = A·U with A the (tokens ×
    units) matrix of act(z) on the path: tensor-core work on rows read once per block, not per token.
    The top levels' contributions are rank-1 updates, since every token of the block took that path.
@@ -20,14 +20,14 @@ tokens with a non-finite z anywhere on their path (top levels read back from z) 
 block. Counts still count such a token where it went: NaN > 0 is false, so a NaN z routes left.
 By-products: the leaf per token and tree and z along the path (the backward reuses them).
 
-Backward, one launch in the forward's grouping (`_subtree_bwd_kernel`): per block, dz on the path
+Backward, one launch in the forward's grouping (`subtree_bwd_kernel`): per block, dz on the path
 and dx = dZ·W (dense dots again), and the block's sums du += Aᵀ·dy, dw += dZᵀ·x, db += Σ dz, added
 with one atomic per row and block. Float atomics make gradients and float sums non-deterministic in
 the last bits; counts are exact.
 
 This module is the host side (configs, checks, launches, autograd). The kernels live in
-`_tree_fwd_kernels.py` (forward), `_tree_bwd_kernels.py` (backward) and `_tree_jit_helpers.py` (the
-@triton.jit helpers both share); they are imported here, so their names stay importable from here.
+`tree_fwd_kernels.py` (forward), `tree_bwd_kernels.py` (backward) and `tree_jit_helpers.py` (the
+@triton.jit helpers both share).
 """
 
 from __future__ import annotations
@@ -116,19 +116,9 @@ def split_levels(depth: int, cfg: KernelConfig) -> Split:
     return Split(top, subl, max(16, 2**top), max(16, 2**subl), max(16, 2**top))
 
 
-if triton is not None:  # the kernels (and their helpers, re-exported: importable from here as before)
-    from ._tree_bwd_kernels import _subtree_bwd_kernel
-    from ._tree_fwd_kernels import _add_unit_stats as _add_unit_stats
-    from ._tree_fwd_kernels import _finite as _finite
-    from ._tree_fwd_kernels import _route_top_kernel, _subtree_kernel
-    from ._tree_jit_helpers import _act as _act
-    from ._tree_jit_helpers import _block_tokens as _block_tokens
-    from ._tree_jit_helpers import _dact as _dact
-    from ._tree_jit_helpers import _path_node as _path_node
-    from ._tree_jit_helpers import _subtree_units as _subtree_units
-    from ._tree_jit_helpers import _tanh as _tanh
-    from ._tree_jit_helpers import _unit_grad as _unit_grad
-    from ._tree_jit_helpers import _unit_out as _unit_out
+if triton is not None:  # the kernels this module launches
+    from .tree_bwd_kernels import subtree_bwd_kernel
+    from .tree_fwd_kernels import route_top_kernel, subtree_kernel
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -219,10 +209,10 @@ def tree_forward(
                   BM=cfg.block_m, BK=cfg.block_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps)  # fmt: skip
     bias = b if b is not None else w
     if split.top:
-        _route_top_kernel[(triton.cdiv(n, cfg.block_m), trees)](
+        route_top_kernel[(triton.cdiv(n, cfg.block_m), trees)](
             x, w, bias, z, perm, counts, *st[:6], n, d_in, trees, TOPW=split.topw, **common,
         )  # fmt: skip
-    _subtree_kernel[(_grid_blocks(n, split, cfg.block_m), trees)](
+    subtree_kernel[(_grid_blocks(n, split, cfg.block_m), trees)](
         x, w, bias, u, y, s if s is not None else y, leaf, z, perm, counts, *st, n, d_in, d_out, trees,
         SAVE_S=s is not None, Y_ATOMIC=y_atomic, SPLIT_A=place_out and x.dtype != torch.float32,
         TOPW=split.topw, SUBL=split.subl, SUBW=split.subw, BO=cfg.block_o, **{**common, **cfg.launch_options()},
@@ -288,7 +278,7 @@ def tree_backward(
     # every token's A and dZ at the top nodes (T, n, TOPW): dense products below give their rows
     atop = torch.empty((trees, n, split.topw) if ntop else (0,), device=dev, dtype=x.dtype)
     dztop = torch.empty_like(atop)
-    _subtree_bwd_kernel[(_grid_blocks(n, split, cfg.block_m), trees)](
+    subtree_bwd_kernel[(_grid_blocks(n, split, cfg.block_m), trees)](
         x, w, u, dy, leaf, z, grouping.perm, grouping.counts, dx, dw, db if db is not None else dx, du,
         atop, dztop, n, d_in, d_out, trees, DEPTH=depth, ACT=ACT_CODES.index(activation), PLACE_OUT=place_out,
         HAS_BIAS=has_bias, DX_ATOMIC=trees > 1, TOP=split.top, TOPW=split.topw, NBP=split.nbp, SUBL=split.subl,

@@ -80,16 +80,14 @@ def debug_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def family_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Finished runs of the debug-l1 and debug-moe presets, {"l1": path, "moe": path} (made once per session;
-    tests copy them before changing anything)."""
-    from routescope.trainers.presets import get_preset
-    from routescope.trainers.train import train
-
+    """Finished runs of the debug-l1 and debug-moe presets, {"l1": path, "moe": path}, recorded with
+    `routescope record` as a user runs it (made once per session; tests copy them before changing anything)."""
     folder = tmp_path_factory.mktemp("family-runs")
     paths = {}
     for family in ("l1", "moe"):
         paths[family] = folder / f"{family}.h5"
-        train(get_preset(f"debug-{family}"), out=paths[family], device="cpu", show_progress=False)
+        result = run_cli("record", "--config", f"debug-{family}", "--out", str(paths[family]), "--device", "cpu")
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     return paths
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import routescope
 from routescope import Recorder
-from routescope import analysis as metrics
+from routescope import analysis
 from routescope.layers import L1SparseFFN, TopKMoE
 from routescope.store.schema import active_bin_edges
 from routescope.store import LayerLayout
@@ -52,30 +52,30 @@ def l1_file(tmp_path: Path) -> Path:
 
 def test_l1_metrics_known_answers(l1_file: Path) -> None:
     ds = routescope.open(l1_file, group="l1")
-    first = metrics.summarize_family(ds, "l1", window=(None, 15)).isel(layer=0)
+    first = analysis.summarize_family(ds, "l1", window=(None, 15)).isel(layer=0)
     assert float(first.active_mean) == pytest.approx(154 / 100)
     assert (float(first.active_p50), float(first.active_p99), float(first.active_max)) == (1, 2, 6)
     assert int(first.dead_units) == 2 and float(first.dead_fraction) == 0.25
     assert float(first.active_fraction) == pytest.approx(1.54 / 8)
     np.testing.assert_allclose(first.unit_firing_rate.values, [1, 0.5, 0.01, 0.01, 0.01, 0.01, 0, 0])
-    second = metrics.summarize_family(ds, "l1", window=(15, None)).isel(layer=0)
+    second = analysis.summarize_family(ds, "l1", window=(15, None)).isel(layer=0)
     assert (float(second.active_p50), float(second.active_p99), float(second.active_max)) == (3, 3, 3)
     assert int(second.dead_units) == 5
-    both = metrics.summarize_family(ds, "l1").isel(layer=0)
+    both = analysis.summarize_family(ds, "l1").isel(layer=0)
     assert float(both.active_mean) == pytest.approx(184 / 110) and int(both.dead_units) == 2
-    series = metrics.family_timeseries(ds, "l1", rolling=1)
+    series = analysis.family_timeseries(ds, "l1", rolling=1)
     assert list(series.active_p50.values[:, 0]) == [1, 3]
-    cumulative = metrics.family_timeseries(ds, "l1", rolling=None)
+    cumulative = analysis.family_timeseries(ds, "l1", rolling=None)
     assert float(cumulative.active_mean.values[-1, 0]) == pytest.approx(float(both.active_mean))
 
 
 def test_histogram_quantile_reads_lower_edges() -> None:
     edges = active_bin_edges(100)
     hist = np.histogram([20] * 3 + [50], bins=edges)[0]  # 20 and 50 lie in wider bins
-    assert metrics.histogram_quantile(hist, edges[:-1], 0.5) == 20  # 20 is an edge
-    low = metrics.histogram_quantile(hist, edges[:-1], 0.99)
+    assert analysis.histogram_quantile(hist, edges[:-1], 0.5) == 20  # 20 is an edge
+    low = analysis.histogram_quantile(hist, edges[:-1], 0.99)
     assert low <= 50 < edges[np.searchsorted(edges, low) + 1] and low >= 50 / 1.12
-    assert np.isnan(metrics.histogram_quantile(np.zeros(4), edges[:4], 0.5))
+    assert np.isnan(analysis.histogram_quantile(np.zeros(4), edges[:4], 0.5))
 
 
 def moe_row(loads: list[list[int]], selected: list[list[int]], tokens: int, entropy: list[float], experts: int) -> dict:
@@ -105,7 +105,7 @@ def test_moe_metrics_known_answers(tmp_path: Path) -> None:
     writer.close()
     with h5py.File(path, "r") as f:
         assert np.isnan(f["moe/layer_capacity_factor"][0]) and f["moe/layer_capacity_factor"][1] == 1.0
-    summary = metrics.summarize_family(routescope.open(path, group="moe"), "moe")
+    summary = analysis.summarize_family(routescope.open(path, group="moe"), "moe")
     one, balanced = summary.isel(layer=0), summary.isel(layer=1)
     assert float(one.load_cv) == pytest.approx(math.sqrt(3))  # std/mean of (N, 0, 0, 0) = sqrt(E - 1)
     assert float(one.max_mean_load) == pytest.approx(4) and int(one.dead_experts) == 3
@@ -142,38 +142,25 @@ def test_real_layers_routed_a_known_way(tmp_path: Path) -> None:
             assert torch.all(y[: math.ceil(n / 4)] != 0) and torch.all(y[math.ceil(n / 4) :] == 0)  # drop order
             sparse(torch.randn(n, 5))
             rec.step()
-    moe = metrics.summarize_family(routescope.open(path, group="moe"), "moe")
+    moe = analysis.summarize_family(routescope.open(path, group="moe"), "moe")
     assert moe.router_entropy.values[0] == pytest.approx(2.0) and moe.router_entropy_norm.values[0] == pytest.approx(1)
     assert moe.load_cv.values[1] == pytest.approx(math.sqrt(3)) and int(moe.dead_experts.values[1]) == 3
     assert moe.drop_fraction.values[1] == pytest.approx((n - math.ceil(n / 4)) / n)
-    l1 = metrics.summarize_family(routescope.open(path, group="l1"), "l1")
+    l1 = analysis.summarize_family(routescope.open(path, group="l1"), "l1")
     assert int(l1.dead_units.values[0]) == 3 and list(l1.unit_firing_rate.values[0, 5:]) == [0, 0, 0]
 
 
 def test_family_metrics_clear_errors(l1_file: Path) -> None:
     ds = routescope.open(l1_file, group="l1")
-    with pytest.raises(metrics.MetricsError, match="not a 'moe' group"):
-        metrics.summarize_family(ds, "moe")
-    with pytest.raises(metrics.MetricsError, match="no l1 layer 3"):
-        metrics.summarize_family(ds, "l1", layers=[3])
-    with pytest.raises(metrics.MetricsError, match="holds no interval"):
-        metrics.summarize_family(ds, "l1", window=(100, 200))
+    with pytest.raises(analysis.MetricsError, match="not a 'moe' group"):
+        analysis.summarize_family(ds, "moe")
+    with pytest.raises(analysis.MetricsError, match="no l1 layer 3"):
+        analysis.summarize_family(ds, "l1", layers=[3])
+    with pytest.raises(analysis.MetricsError, match="holds no interval"):
+        analysis.summarize_family(ds, "l1", window=(100, 200))
 
 
 # ------------------------------------------------------------------------------------------ CLI
-
-
-@pytest.fixture(scope="module")
-def family_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """`routescope record --config debug-l1` and `debug-moe`, as a user runs them."""
-    folder = tmp_path_factory.mktemp("families")
-    runs = {}
-    for family in ("l1", "moe"):
-        out = folder / f"{family}.h5"
-        result = run_cli("record", "--config", f"debug-{family}", "--out", str(out), "--device", "cpu")
-        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-        runs[family] = out
-    return runs
 
 
 def test_record_writes_valid_family_files(family_runs: dict[str, Path]) -> None:
@@ -204,7 +191,7 @@ def test_report_json_and_table(family_runs: dict[str, Path], family: str) -> Non
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["window"]["first_step"] == 10 and len(report["layers"]) == 2
-    keys = metrics.FAMILY_METRICS[family]
+    keys = analysis.FAMILY_METRICS[family]
     for layer in report["layers"]:
         assert layer["family"] == family and set(keys) <= set(layer) and layer["depth"] is None
     assert set(report["run"]) == set(keys) and set(report["families"]) == {family}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import routescope
-from routescope import analysis as metrics
+from routescope import analysis
 from routescope.analysis.events import early_warnings, pruning_events
 from routescope.store import LayerLayout
 from routescope.store.writer import RunWriter
@@ -60,8 +60,8 @@ def write_run(path: Path, depth: int, intervals: list[np.ndarray], variant: str 
 
 
 def layer_summary(path: Path, window=(None, None)) -> dict[str, float]:
-    s = metrics.summarize(routescope.open(path), window)
-    return {name: float(s[name].values[0]) for name in metrics.TREE_METRICS}
+    s = analysis.summarize(routescope.open(path), window)
+    return {name: float(s[name].values[0]) for name in analysis.TREE_METRICS}
 
 
 def test_perfectly_balanced_tree(tmp_path: Path) -> None:
@@ -87,7 +87,7 @@ def test_right_subtree_never_visited(tmp_path: Path, depth: int) -> None:
     assert s["effective_leaves"] == pytest.approx(2 ** (d - 1))
     assert s["static_fraction"] == pytest.approx((2 ** (d - 1) - 1 + 2 ** (d - 1)) / (2 ** (d + 1) - 1))
     assert s["leaf_gini"] == pytest.approx(0.5)
-    per_depth = metrics.summarize(routescope.open(tmp_path / "r.h5"))
+    per_depth = analysis.summarize(routescope.open(tmp_path / "r.h5"))
     np.testing.assert_allclose(per_depth["depth_frozen_fraction"].values[0], [1] + [0] * (d - 1))
     np.testing.assert_allclose(per_depth["depth_dead_fraction"].values[0], [0] + [0.5] * (d - 1))
     np.testing.assert_allclose(per_depth["depth_routing_entropy"].values[0], [0] + [1] * (d - 1))
@@ -98,11 +98,11 @@ def test_frozen_root_and_edge_probabilities(tmp_path: Path) -> None:
     h = -(0.005 * math.log2(0.005) + 0.995 * math.log2(0.995))
     assert s["frozen_fraction"] == 1 and s["dead_fraction"] == 0
     assert s["routing_entropy"] == pytest.approx(h) and s["balance"] == pytest.approx(0.01)
-    assert metrics.binary_entropy(np.array([0.0, 1.0, 0.5, np.nan])).tolist()[:3] == [0, 0, 1]
+    assert analysis.binary_entropy(np.array([0.0, 1.0, 0.5, np.nan])).tolist()[:3] == [0, 0, 1]
     # p = 0.02 is not frozen at the default epsilon, but is at epsilon = 0.05
     path = write_run(tmp_path / "g.h5", 1, [np.array([[98, 2]])])
     assert layer_summary(path)["frozen_fraction"] == 0
-    assert float(metrics.summarize(routescope.open(path), epsilon=0.05)["frozen_fraction"][0]) == 1
+    assert float(analysis.summarize(routescope.open(path), epsilon=0.05)["frozen_fraction"][0]) == 1
 
 
 def test_uniform_random_router(tmp_path: Path) -> None:
@@ -146,29 +146,29 @@ def test_node_death_at_a_known_step(tmp_path: Path) -> None:
     assert died.loc[2, "live_intervals"] == 5
     froze = events[events.kind == "froze"].set_index("node")
     assert froze.loc[0, "step"] == 6  # from step 6 on the root sends every token left
-    ts = metrics.timeseries(ds, rolling=1)
-    assert float(metrics.first_step_where(ts.dead_fraction, lambda x: x > 0)[0]) == 6
+    ts = analysis.timeseries(ds, rolling=1)
+    assert float(analysis.first_step_where(ts.dead_fraction, lambda x: x > 0)[0]) == 6
     assert ts.dead_fraction.sel(step=5).item() == 0 and ts.dead_fraction.sel(step=6).item() == pytest.approx(1 / 3)
-    cumulative = metrics.timeseries(ds, rolling=None)
+    cumulative = analysis.timeseries(ds, rolling=None)
     assert (cumulative.dead_fraction.values == 0).all()  # node 2 was reached early on
-    rolling3 = metrics.timeseries(ds, rolling=3)
+    rolling3 = analysis.timeseries(ds, rolling=3)
     assert rolling3.dead_fraction.sel(step=7).item() == 0 and rolling3.dead_fraction.sel(step=8).item() > 0
-    mu = metrics.node_drift(ds).sel(layer=0, tree=0, node=0).values
+    mu = analysis.node_drift(ds).sel(layer=0, tree=0, node=0).values
     np.testing.assert_allclose(mu, [-0.1 - 0.3 * i for i in range(12)])
 
 
 def test_one_interval_window_and_windows(tmp_path: Path) -> None:
     ds = routescope.open(dying_run(tmp_path))
-    assert float(metrics.summarize(ds, (6, 7))["dead_fraction"][0]) == pytest.approx(1 / 3)
-    assert float(metrics.summarize(ds, (1, 6))["dead_fraction"][0]) == 0
+    assert float(analysis.summarize(ds, (6, 7))["dead_fraction"][0]) == pytest.approx(1 / 3)
+    assert float(analysis.summarize(ds, (1, 6))["dead_fraction"][0]) == 0
     for bad, message in [((7, 7), "empty or reversed"), ((9, 3), "empty or reversed"), ((100, None), "holds no interval")]:
-        with pytest.raises(metrics.MetricsError, match=message):
-            metrics.summarize(ds, bad)
-    with pytest.raises(metrics.MetricsError, match="no layer 3"):
-        metrics.summarize(ds, layers=[3])
-    assert metrics.parse_window("5:") == (5, None) and metrics.parse_window(None) == (None, None)
-    with pytest.raises(metrics.MetricsError):
-        metrics.parse_window("a:b")
+        with pytest.raises(analysis.MetricsError, match=message):
+            analysis.summarize(ds, bad)
+    with pytest.raises(analysis.MetricsError, match="no layer 3"):
+        analysis.summarize(ds, layers=[3])
+    assert analysis.parse_window("5:") == (5, None) and analysis.parse_window(None) == (None, None)
+    with pytest.raises(analysis.MetricsError):
+        analysis.parse_window("a:b")
 
 
 def test_early_warning_flags_the_starving_child(tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ def test_mutual_information(tmp_path: Path) -> None:
     tokens = rng.integers(0, 4, 4000)
     determined = write_run(tmp_path / "m.h5", 2, [np.full((1, 4), 1000)], traces=[(tokens, tokens)])
     independent = write_run(tmp_path / "i.h5", 2, [np.full((1, 4), 1000)], traces=[(tokens, rng.integers(0, 4, 4000))])
-    mi = [float(metrics.mutual_information(routescope.open(p, group="traces"))[0]) for p in (determined, independent)]
+    mi = [float(analysis.mutual_information(routescope.open(p, group="traces"))[0]) for p in (determined, independent)]
     assert mi[0] == pytest.approx(2, abs=0.01) and abs(mi[1]) < 0.01
 
 

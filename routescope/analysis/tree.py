@@ -36,6 +36,7 @@ from routescope.analysis.window import (
     window_bounds,
     window_counts,
 )
+
 TREE_METRICS = (
     "routing_entropy", "balance", "leaf_entropy_norm", "effective_leaves", "dead_fraction", "frozen_fraction",
     "static_fraction", "active_fraction", "firing_fraction", "leaf_gini",

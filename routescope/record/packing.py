@@ -106,3 +106,66 @@ def unpack_traces(item: Interval, ints: np.ndarray, floats: np.ndarray, i: int, 
         traces.update({name: np.full(k, -1) for name in ("sequence", "position", "token_id")})
         traces["context_ids"] = np.full((k, context), -1)
     return traces, i, f
+
+
+def unpack_groups(ints: np.ndarray, floats: np.ndarray, placed: list[tuple[str, int, dict[str, int]]],
+                  group_sizes: dict[str, dict[str, int]]) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray, int, int]:  # fmt: skip
+    """Every layer's statistics out of the flat host buffers into one padded array per statistic of each
+    family group (layers of the family, largest layer's shape); also each layer's token count and the
+    buffer positions where the traces start."""
+    groups = {name: {var: np.zeros((sizes["layer"], *FAMILIES[name].layer_shape(var, sizes)), dtype=np.dtype(v.dtype))
+                     for var, v in FAMILIES[name].stats.items()}
+              for name, sizes in group_sizes.items()}  # fmt: skip
+    layer_tokens = np.zeros(len(placed), dtype=np.int64)
+    i = f = 0
+    for li, (family_name, at, sizes) in enumerate(placed):
+        family, rows = FAMILIES[family_name], groups[family_name]
+        int_names, float_names = packing_order(family)
+        layer_tokens[li] = ints[i]
+        i = take_into(rows, int_names[1:], family, at, sizes, ints, i + 1)
+        f = take_into(rows, float_names, family, at, sizes, floats, f)
+    return groups, layer_tokens, i, f
+
+
+def nonfinite_layers(names: list[str], placed: list[tuple[str, int, dict[str, int]]],
+                     groups: dict[str, dict[str, np.ndarray]]) -> list[str]:  # fmt: skip
+    """"NAME (N tokens)" for each layer whose `nonfinite_tokens` is non-zero in this interval (tree: max over trees)."""
+    bad = []
+    for name, (family_name, at, _) in zip(names, placed):
+        rows = groups[family_name].get("nonfinite_tokens")
+        count = 0 if rows is None else int(np.max(rows[at], initial=0))
+        if count:
+            bad.append(f"{name} ({count} tokens)")
+    return bad
+
+
+def pack_traces(layers: list[nn.Module], ints: list[Tensor], floats: list[Tensor], device: torch.device, sample_tokens: int,
+                generator: torch.Generator, token_ids: Tensor | None, context: int) -> tuple[int, bool]:  # fmt: skip
+    """Append a random sample of the last forward's tokens (at most `sample_tokens`): each layer's trace rows
+    (its family's trace variables), then with `token_ids` (batch, seq) their sequence, position and context
+    ids, to the flat buffers. Returns (tokens sampled, whether ids were packed)."""
+    counts = [layer.traced_tokens() for layer in layers]
+    if sample_tokens <= 0 or not counts or any(c is None for c in counts):
+        return 0, False
+    n = counts[0]
+    if any(c != n for c in counts) or n == 0:
+        return 0, False
+    count = min(sample_tokens, n)
+    picked = torch.randperm(n, generator=generator)[:count].sort().values  # (k,) flat token index
+    index = to_device(picked, device)
+    for layer in layers:
+        rows = layer.trace_rows(index)
+        for name, var in FAMILIES[layer.family].traces.items():
+            target = ints if var.dtype.startswith("i") else floats
+            target.append(rows[name].reshape(-1).to(torch.int64 if target is ints else torch.float64))
+    ids = token_ids
+    has_ids = ids is not None and ids.dim() == 2 and ids.numel() == n
+    if has_ids:
+        seq_len = ids.shape[1]
+        sequence, position = picked // seq_len, picked % seq_len
+        ctx_pos = position[:, None] - torch.arange(context - 1, -1, -1)  # (k, C)
+        valid = ctx_pos >= 0
+        flat = to_device(sequence[:, None] * seq_len + ctx_pos.clamp(min=0), ids.device)
+        context = torch.where(to_device(valid, ids.device), ids.reshape(-1)[flat], -1)
+        ints += [to_device(sequence, device), to_device(position, device), context.reshape(-1).to(device)]
+    return count, has_ids

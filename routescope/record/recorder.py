@@ -29,7 +29,16 @@ from torch import Tensor, nn
 
 from routescope.layers import select_routed_layers
 from routescope.record import distributed
-from routescope.record.packing import Interval, layout_of, packing_order, take_into, to_device, to_host, unpack_traces
+from routescope.record.packing import (
+    Interval,
+    layout_of,
+    nonfinite_layers,
+    pack_traces,
+    packing_order,
+    to_host,
+    unpack_groups,
+    unpack_traces,
+)
 from routescope.store.schema import FAMILIES
 from routescope.store.writer import RunWriter
 from routescope.version import __version__
@@ -110,7 +119,7 @@ class Recorder:
         self._generator = torch.Generator().manual_seed(seed)
         self._writer: RunWriter | None = None
         self._thread: threading.Thread | None = None
-        self._queue: queue.Queue[_Interval | None] = queue.Queue(maxsize=16)
+        self._queue: queue.Queue[Interval | None] = queue.Queue(maxsize=16)
         self._error: BaseException | None = None  # the writer's failure (rank 0), or rank 0's reported to this rank
         self._halted = False  # under torch.distributed: every rank has learnt of the writer's failure
         self._failure_flag: tuple[Tensor, Any] | None = None  # last interval's reduced failure flag, on its way to the host
@@ -280,7 +289,8 @@ class Recorder:
             ints += [stats[name].reshape(-1) for name in int_names]
             floats += [stats[name].reshape(-1) for name in float_names]
         summed_ints, summed_floats = sum(t.numel() for t in ints), sum(t.numel() for t in floats)
-        trace_count, has_ids = self._pack_traces(ints, floats, device)
+        trace_count, has_ids = pack_traces([layer for _, layer in self.layers], ints, floats, device, self.sample_tokens,
+                                            self._generator, self._token_ids, self.context)
         scalar_values = {k: v for k, v in self._scalars.items() if not isinstance(v, Tensor)}
         tensor_scalars = [(k, v) for k, v in self._scalars.items() if isinstance(v, Tensor)]
         if self._loss_sum is not None:
@@ -315,34 +325,6 @@ class Recorder:
         self._reset_interval()
         self._queue.put(item)
 
-    def _pack_traces(self, ints: list[Tensor], floats: list[Tensor], device: torch.device) -> tuple[int, bool]:
-        """Append the sampled tokens' trace rows (each family's trace variables) and ids to the flat buffers."""
-        counts = [layer.traced_tokens() for _, layer in self.layers]
-        if self.sample_tokens <= 0 or not counts or any(c is None for c in counts):
-            return 0, False
-        n = counts[0]
-        if any(c != n for c in counts) or n == 0:
-            return 0, False
-        count = min(self.sample_tokens, n)
-        picked = torch.randperm(n, generator=self._generator)[:count].sort().values  # (k,) flat token index
-        index = to_device(picked, device)
-        for _, layer in self.layers:
-            rows = layer.trace_rows(index)
-            for name, var in FAMILIES[layer.family].traces.items():
-                target = ints if var.dtype.startswith("i") else floats
-                target.append(rows[name].reshape(-1).to(torch.int64 if target is ints else torch.float64))
-        ids = self._token_ids
-        has_ids = ids is not None and ids.dim() == 2 and ids.numel() == n
-        if has_ids:
-            seq_len = ids.shape[1]
-            sequence, position = picked // seq_len, picked % seq_len
-            ctx_pos = position[:, None] - torch.arange(self.context - 1, -1, -1)  # (k, C)
-            valid = ctx_pos >= 0
-            flat = to_device(sequence[:, None] * seq_len + ctx_pos.clamp(min=0), ids.device)
-            context = torch.where(to_device(valid, ids.device), ids.reshape(-1)[flat], -1)
-            ints += [to_device(sequence, device), to_device(position, device), context.reshape(-1).to(device)]
-        return count, has_ids
-
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
@@ -359,12 +341,7 @@ class Recorder:
 
     def _warn_nonfinite(self, step: int, groups: dict[str, dict[str, np.ndarray]]) -> None:
         """Warn (once) naming the layers whose `nonfinite_tokens` is non-zero in this interval; host data only."""
-        bad = []
-        for li, (name, layer) in enumerate(self.layers):
-            rows = groups[layer.family].get("nonfinite_tokens")
-            count = 0 if rows is None else int(np.max(rows[self._family_index[li]], initial=0))  # tree: max over trees
-            if count:
-                bad.append(f"{name} ({count} tokens)")
+        bad = nonfinite_layers([name for name, _ in self.layers], self._placed(), groups)
         if bad:
             self._warned_nonfinite = True
             warnings.warn(f"non-finite activations (NaN/inf) at step {step} in {', '.join(bad)}: counted in "
@@ -378,18 +355,7 @@ class Recorder:
         if item.ready is not None:
             item.ready.synchronize()
         ints, floats = item.ints.numpy(), item.floats.numpy()
-        # One padded array per statistic of each family group: (layers of the family, largest layer's shape).
-        groups = {name: {var: np.zeros((sizes["layer"], *FAMILIES[name].layer_shape(var, sizes)), dtype=np.dtype(v.dtype))
-                         for var, v in FAMILIES[name].stats.items()}
-                  for name, sizes in self._writer.group_sizes.items()}  # fmt: skip
-        layer_tokens = np.zeros(len(self.layers), dtype=np.int64)
-        i = f = 0
-        for li, (_, layer) in enumerate(self.layers):
-            family, rows = FAMILIES[layer.family], groups[layer.family]
-            int_names, float_names = packing_order(family)
-            layer_tokens[li] = ints[i]
-            i = take_into(rows, int_names[1:], family, self._family_index[li], self._sizes[li], ints, i + 1)
-            f = take_into(rows, float_names, family, self._family_index[li], self._sizes[li], floats, f)
+        groups, layer_tokens, i, f = unpack_groups(ints, floats, self._placed(), self._writer.group_sizes)
         traces = None
         if item.trace_count:
             traces, i, f = unpack_traces(item, ints, floats, i, f, self._writer, self._placed(), self.context)
@@ -406,7 +372,6 @@ class Recorder:
         if not self._warned_nonfinite:
             self._warn_nonfinite(item.step, groups)
         self._writer.append_interval(item.step, None, scalars, traces, groups=groups)
-
 
 
 def _reason(err: BaseException) -> str:

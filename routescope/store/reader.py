@@ -248,7 +248,7 @@ class RunFile:
 
     def _group(self, group: str) -> h5py.Group:
         if group not in self._f:
-            hint = " (no routed layers were recorded: a dense baseline?)" if group != "run" else ""
+            hint = " (no routed layers were recorded: a dense baseline?)" if group != "run" and not self.families else ""
             raise RunFileError(f"{self.path} has no group {group!r}{hint}; groups: {', '.join(self.groups)}")
         return self._f[group]
 

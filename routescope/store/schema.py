@@ -4,7 +4,7 @@ The layers size their accumulators from it, the recorder packs and unpacks its f
 order, and the store creates one HDF5 group per family from it. No torch, no h5py: plain data.
 Every family group holds `step`, `tokens` (step) and `layer_tokens` (step, layer) besides its own
 statistics; the per-layer shapes (`tree`, `node`, `unit`, `expert`, ...) are padded to the largest
-layer of the family, with zeros (counts) or NaN (sums).
+layer of the family, with zeros (counts and sums alike; the traces with -1 or NaN).
 """
 
 from __future__ import annotations

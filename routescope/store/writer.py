@@ -19,67 +19,30 @@ from typing import Any
 import h5py
 import numpy as np
 
-from routescope.store.resume import check_same_run, complete_rows, truncate
-from routescope.store.schema import COMMON_TRACES, FAMILIES, Family, coordinate_values
-from routescope.store.lock import WriterLock
-from routescope.store.repair import clear_open_flags
+from routescope.store.datasets import attach_dims, attr_value, create_growing, make_coordinate
 from routescope.store.format import (
-    ALL_TRACE_VARIABLES,
-    COMPRESS_MIN_BYTES,
-    COMPRESSION,
     RUN_FIXED_SCALARS,
     RUN_STATES,
     SCHEMA_VERSION,
-    SMALL_CHUNK_BYTES,
     LayerLayout,
     RunFileError,
     first_line,
-    row_bytes,
 )
-from routescope.store.write_errors import DiskSpaceError, WriteFailedError, detach_and_close, mark_detached, mib, room_for
+from routescope.store.lock import WriterLock
+from routescope.store.repair import clear_open_flags
+from routescope.store.resume import check_same_run, complete_rows, truncate
+from routescope.store.schema import COMMON_TRACES, FAMILIES, Family, coordinate_values
+from routescope.store.write_errors import (
+    DiskSpaceError,
+    WriteFailedError,
+    detach_and_close,
+    mark_detached,
+    mib,
+    room_for,
+)
 
 RESERVE_MIN_BYTES = 1 << 20  # free space always kept: the final close's flush, with room to spare
 RESERVE_INTERVALS = 2  # ... plus this many of the largest intervals written so far (new chunks included)
-
-
-def _attr_value(value: Any) -> Any:
-    """Numbers stay numbers, strings (and str subclasses such as torch's version) become plain str, the rest JSON."""
-    if isinstance(value, (bool, int, float)):
-        return value
-    return str(value) if isinstance(value, str) else json.dumps(value)
-
-
-def _create_growing(
-    group: h5py.Group, name: str, dims: tuple[str, ...], dtype: str, sizes: dict[str, int], rows_per_write: int = 1
-) -> h5py.Dataset:
-    """A dataset resizable along its first dimension, fixed elsewhere, chunked as COMPRESS_MIN_BYTES explains."""
-    row = tuple(sizes[d] for d in dims[1:])
-    dt = np.dtype(dtype)
-    write_bytes = rows_per_write * row_bytes(row, dt.itemsize)
-    if write_bytes >= COMPRESS_MIN_BYTES:
-        rows, options = rows_per_write, COMPRESSION
-    else:
-        rows, options = max(rows_per_write, SMALL_CHUNK_BYTES // row_bytes(row, dt.itemsize)), {}
-    # h5py cannot chunk a fixed dimension of size 0 (a depth-0 tree has no decision nodes).
-    maxshape = (None, *(s if s > 0 else None for s in row))
-    chunks = (rows, *(max(s, 1) for s in row))
-    fill = np.nan if dt.kind == "f" else -1 if name in ALL_TRACE_VARIABLES else 0
-    return group.create_dataset(name, shape=(0, *row), maxshape=maxshape, chunks=chunks, dtype=dt,
-                                fillvalue=fill, **options)  # fmt: skip
-
-
-def _make_coordinate(group: h5py.Group, name: str, values: np.ndarray | None = None) -> None:
-    """A netCDF dimension: a dimension-scale dataset named like the dimension (values = its labels)."""
-    if values is None:  # growing dimension
-        dset = group.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(SMALL_CHUNK_BYTES // 8,), dtype="i8")
-    else:
-        dset = group.create_dataset(name, data=values)
-    dset.make_scale(name)
-
-
-def _attach_dims(group: h5py.Group, dset: h5py.Dataset, dims: tuple[str, ...]) -> None:
-    for axis, dim in enumerate(dims):
-        dset.dims[axis].attach_scale(group[dim])
 
 
 class RunWriter:
@@ -153,7 +116,7 @@ class RunWriter:
             {
                 "schema_version": SCHEMA_VERSION,
                 "layers": json.dumps([{"name": layer.name, "family": layer.family, **layer.config} for layer in layers]),
-                **{k: _attr_value(v) for k, v in attrs.items()},
+                **{k: attr_value(v) for k, v in attrs.items()},
             }
         )
         state = f.create_dataset("run_state", data=np.int8(0))
@@ -164,10 +127,10 @@ class RunWriter:
             self._create_family_group(FAMILIES[name], group, self.group_sizes[name])
 
         run = f.create_group("run")
-        _make_coordinate(run, "step")
+        make_coordinate(run, "step")
         for name, dtype in {**RUN_FIXED_SCALARS, **{s: "f8" for s in self.scalars}}.items():
-            dset = _create_growing(run, name, ("step",), dtype, sizes)
-            _attach_dims(run, dset, ("step",))
+            dset = create_growing(run, name, ("step",), dtype, sizes)
+            attach_dims(run, dset, ("step",))
 
         self.trace_names: tuple[str, ...] = ()
         if sample_tokens > 0 and layers:
@@ -199,7 +162,7 @@ class RunWriter:
                             "at": attrs.get("created", "")})  # fmt: skip
             f.attrs["resumed"] = json.dumps(history)
             if "config" in attrs:
-                f.attrs["config"] = _attr_value(attrs["config"])  # the new end (steps) of the resumed run
+                f.attrs["config"] = attr_value(attrs["config"])  # the new end (steps) of the resumed run
             f["run_state"][()] = np.int8(0)
             self.trace_names = tuple(n for n in _trace_variable_names(self.families)) if "traces" in f else ()
             f.swmr_mode = True
@@ -210,26 +173,26 @@ class RunWriter:
     def _create_family_group(self, family: Family, layers: list[LayerLayout], sizes: dict[str, int]) -> None:
         group = self.file.create_group(family.name)
         group.attrs["layers"] = json.dumps([{"name": layer.name, "family": layer.family, **layer.config} for layer in layers])
-        _make_coordinate(group, "step")
+        make_coordinate(group, "step")
         for dim in ("layer", *family.stat_dims):
-            _make_coordinate(group, dim, coordinate_values(dim, sizes[dim]))
+            make_coordinate(group, dim, coordinate_values(dim, sizes[dim]))
         layer_sets = [group.create_dataset("layer_name", data=[layer.name for layer in layers], dtype=h5py.string_dtype())]
         for name, (key, dtype, meaning) in family.layer_vars.items():
             values = [np.nan if layer.value(key) is None else layer.value(key) for layer in layers]
             layer_sets.append(group.create_dataset(name, data=np.array(values, dtype=dtype)))
             layer_sets[-1].attrs["long_name"] = meaning
         for dset in layer_sets:
-            _attach_dims(group, dset, ("layer",))
+            attach_dims(group, dset, ("layer",))
         for name, var in family.group_variables().items():
-            dset = _create_growing(group, name, var.dims, var.dtype, sizes)
+            dset = create_growing(group, name, var.dims, var.dtype, sizes)
             dset.attrs["long_name"] = var.meaning
-            _attach_dims(group, dset, var.dims)
+            attach_dims(group, dset, var.dims)
         if "bin" in family.stat_dims:  # the fixed histogram bins, as edges (bin b: [edges[b], edges[b+1]))
             group["active_hist"].attrs["bin_edges"] = coordinate_values("bin", sizes["bin"] + 1)
 
     def _create_traces_group(self, context: int) -> None:
         traces = self.file.create_group("traces")
-        _make_coordinate(traces, "sample")
+        make_coordinate(traces, "sample")
         variables = dict(COMMON_TRACES)
         sizes: dict[str, int] = {"sample": 0, "context": context}
         for name, group in self.families.items():
@@ -238,11 +201,11 @@ class RunWriter:
             sizes.update({dim: self.group_sizes[name][dim] for dim in family.trace_dims})
             variables.update(family.traces)
         for dim in dict.fromkeys(d for v in variables.values() for d in v.dims[1:]):
-            _make_coordinate(traces, dim, np.arange(sizes[dim]))
+            make_coordinate(traces, dim, np.arange(sizes[dim]))
         for name, var in variables.items():
-            dset = _create_growing(traces, name, var.dims, var.dtype, sizes, rows_per_write=self.sample_tokens)
+            dset = create_growing(traces, name, var.dims, var.dtype, sizes, rows_per_write=self.sample_tokens)
             dset.attrs["long_name"] = var.meaning
-            _attach_dims(traces, dset, var.dims)
+            attach_dims(traces, dset, var.dims)
         self.trace_names = tuple(variables)
 
     @property

@@ -1,4 +1,4 @@
-"""Forward Triton kernels of the tree FFN: `_route_top_kernel`, `_subtree_kernel`, and their stats helpers.
+"""Forward Triton kernels of the tree FFN: `route_top_kernel`, `subtree_kernel`, and their stats helpers.
 
 The design is in the module doc of `tree_triton.py`, whose `tree_forward` launches these; imported
 only where Triton is installed.
@@ -9,16 +9,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tree_jit_helpers import _act, _block_tokens, _subtree_units, _unit_out
+from .tree_jit_helpers import block_tokens, jit_act, subtree_units, unit_out
 
 
 @triton.jit
-def _finite(z):
+def is_finite(z):
     """True where z is neither NaN nor ±inf."""
     return (z == z) & (tl.abs(z) <= 3.4028234663852886e38)  # NaN != NaN; |inf| > the largest float32
 
 @triton.jit
-def _add_unit_stats(
+def add_unit_stats(
     zs, hit, cols, is_node, stat_node, stat_leaf, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr,
     lv_ptr, lf_ptr, las_ptr, laq_ptr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr,
 ):  # fmt: skip
@@ -27,11 +27,11 @@ def _add_unit_stats(
     if PLACE_OUT:
         fired = zs != 0.0
     else:
-        fired = _act(zs, ACT) != 0.0
+        fired = jit_act(zs, ACT) != 0.0
     visits = tl.sum(hit.to(tl.int32), axis=0)
     right = tl.sum((hit & (zs > 0.0)).to(tl.int32), axis=0).to(tl.int64)
     fires = tl.sum((hit & fired).to(tl.int32), axis=0).to(tl.int64)
-    zhit = tl.where(hit & _finite(zs), zs, 0.0)
+    zhit = tl.where(hit & is_finite(zs), zs, 0.0)
     zsum = tl.sum(zhit, axis=0).to(tl.float64)
     zsq = tl.sum(zhit * zhit, axis=0).to(tl.float64)
     node = cols & is_node & (visits > 0)
@@ -47,7 +47,7 @@ def _add_unit_stats(
     tl.atomic_add(laq_ptr + stat_leaf, zsq, mask=leaf, sem="relaxed")
 
 @triton.jit
-def _route_top_kernel(
+def route_top_kernel(
     x_ptr, w_ptr, b_ptr, z_ptr, perm_ptr, cnt_ptr,
     tok_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr,
     n, D, T,
@@ -99,13 +99,13 @@ def _route_top_kernel(
             first = tl.arange(0, 1)
             tl.atomic_add(tok_ptr + first, tl.zeros((1,), dtype=tl.int64) + n, sem="relaxed")
         stat = t * NNODE + col
-        _add_unit_stats(
+        add_unit_stats(
             zz, onpath & valid[:, None], col < NTOP, col >= 0, stat, stat,
             nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, ACT, PLACE_OUT,
         )  # fmt: skip
 
 @triton.jit
-def _subtree_kernel(
+def subtree_kernel(
     x_ptr, w_ptr, b_ptr, u_ptr, y_ptr, s_ptr, leaf_ptr, z_ptr, perm_ptr, cnt_ptr,
     tok_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr, bad_ptr,
     n, D, O, T,
@@ -120,8 +120,8 @@ def _subtree_kernel(
     NNODE: tl.constexpr = (1 << DEPTH) - 1
     NUNIT: tl.constexpr = 2 * NNODE + 1
     PATH: tl.constexpr = DEPTH + 1
-    rows, valid, root, busy = _block_tokens(pid, t, cnt_ptr, perm_ptr, n, TOP, NBP, BM)
-    c, heap, lev, cols = _subtree_units(root, SUBL, SUBW)
+    rows, valid, root, busy = block_tokens(pid, t, cnt_ptr, perm_ptr, n, TOP, NBP, BM)
+    c, heap, lev, cols = subtree_units(root, SUBL, SUBW)
     rk = tl.arange(0, BK)
     ro = tl.arange(0, BO)
     w_t = w_ptr + t * NUNIT * D
@@ -154,24 +154,24 @@ def _subtree_kernel(
             if (pid == 0) & (t == 0):
                 first = tl.arange(0, 1)
                 tl.atomic_add(tok_ptr + first, tl.zeros((1,), dtype=tl.int64) + n, sem="relaxed")
-        _add_unit_stats(
+        add_unit_stats(
             zs, hit, cols, lev < SUBL - 1, t * NNODE + heap, t * (NNODE + 1) + heap - NNODE,
             nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr, ACT, PLACE_OUT,
         )  # fmt: skip
         # tokens of the block with a non-finite z on their path: subtree levels here, top levels from z
-        bad = tl.sum((hit & ~_finite(zs)).to(tl.int32), axis=1) > 0
+        bad = tl.sum((hit & ~is_finite(zs)).to(tl.int32), axis=1) > 0
         tcol_b = tl.arange(0, TOPW)
         ztop_b = tl.load(zrow[:, None] + tcol_b[None, :], mask=valid[:, None] & (tcol_b[None, :] < TOP), other=0.0)
-        bad = valid & (bad | (tl.sum((~_finite(ztop_b)).to(tl.int32), axis=1) > 0))
+        bad = valid & (bad | (tl.sum((~is_finite(ztop_b)).to(tl.int32), axis=1) > 0))
         nbad = tl.sum(bad.to(tl.int64), axis=0)
         nbad1 = tl.zeros((1,), dtype=tl.int64) + nbad
         tl.atomic_add(bad_ptr + t + tl.arange(0, 1), nbad1, mask=nbad1 > 0, sem="relaxed")
     CDT = x_ptr.dtype.element_ty
-    a = tl.where(hit, _unit_out(zs, ACT, PLACE_OUT), 0.0)
+    a = tl.where(hit, unit_out(zs, ACT, PLACE_OUT), 0.0)
     a_hi = a.to(CDT)
     a_lo = (a - a_hi.to(tl.float32)).to(CDT)  # SPLIT_A: a = hi + lo keeps s = Σ z·u near fp32
     tcol = tl.arange(0, TOPW)  # the block's shared top path: column = level
-    atop = _unit_out(tl.load(zrow[:, None] + tcol[None, :], mask=valid[:, None] & (tcol[None, :] < TOP), other=0.0),
+    atop = unit_out(tl.load(zrow[:, None] + tcol[None, :], mask=valid[:, None] & (tcol[None, :] < TOP), other=0.0),
                      ACT, PLACE_OUT)  # fmt: skip
     for o0 in tl.range(0, o_end, BO, num_stages=STAGES):
         oo = o0 + ro
@@ -192,5 +192,5 @@ def _subtree_kernel(
             if PLACE_OUT:
                 if SAVE_S:
                     tl.store(s_ptr + rows[:, None] * O + oo[None, :], acc, mask=m2)
-                acc = _act(acc, ACT)
+                acc = jit_act(acc, ACT)
             tl.store(y_ptr + rows[:, None] * O + oo[None, :], acc.to(y_ptr.dtype.element_ty), mask=m2)

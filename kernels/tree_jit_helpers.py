@@ -12,25 +12,25 @@ import triton.language as tl
 
 
 @triton.jit
-def _tanh(z):
+def jit_tanh(z):
     """tanh via exp of −2|z| (no overflow; tl has no tanh on every supported version)."""
     e = tl.exp(-2.0 * tl.abs(z))
     th = (1.0 - e) / (1.0 + e)
     return tl.where(z >= 0.0, th, -th)
 
 @triton.jit
-def _act(z, ACT: tl.constexpr):
+def jit_act(z, ACT: tl.constexpr):
     """act(z) in fp32 for the activation code ACT (see ACT_CODES)."""
     if ACT == 0:
         out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 1:
-        out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+        out = 0.5 * z * (1.0 + jit_tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
     elif ACT == 2:
         out = tl.maximum(z, 0.0)
     elif ACT == 3:
         out = z / (1.0 + tl.exp(-z))
     elif ACT == 4:
-        out = _tanh(z)
+        out = jit_tanh(z)
     elif ACT == 5:
         out = 1.0 / (1.0 + tl.exp(-z))
     else:
@@ -38,13 +38,13 @@ def _act(z, ACT: tl.constexpr):
     return out
 
 @triton.jit
-def _dact(z, ACT: tl.constexpr):
+def jit_dact(z, ACT: tl.constexpr):
     """act'(z) in fp32 (relu'(0) = 0, as torch)."""
     if ACT == 0:
         out = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
     elif ACT == 1:
         inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        th = _tanh(inner)
+        th = jit_tanh(inner)
         out = 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
     elif ACT == 2:
         out = tl.where(z > 0.0, 1.0, 0.0)
@@ -52,7 +52,7 @@ def _dact(z, ACT: tl.constexpr):
         sg = 1.0 / (1.0 + tl.exp(-z))
         out = sg * (1.0 + z * (1.0 - sg))
     elif ACT == 4:
-        th = _tanh(z)
+        th = jit_tanh(z)
         out = 1.0 - th * th
     elif ACT == 5:
         sg = 1.0 / (1.0 + tl.exp(-z))
@@ -62,30 +62,30 @@ def _dact(z, ACT: tl.constexpr):
     return out
 
 @triton.jit
-def _unit_out(z, ACT: tl.constexpr, PLACE_OUT: tl.constexpr):
+def unit_out(z, ACT: tl.constexpr, PLACE_OUT: tl.constexpr):
     """A unit's contribution before the output sum: act(z) (placement "node") or z ("output")."""
     if PLACE_OUT:
         out = z
     else:
-        out = _act(z, ACT)
+        out = jit_act(z, ACT)
     return out
 
 @triton.jit
-def _unit_grad(g, z, ACT: tl.constexpr, PLACE_OUT: tl.constexpr):
+def unit_grad(g, z, ACT: tl.constexpr, PLACE_OUT: tl.constexpr):
     """dL/dz of a unit from g = dL/d(contribution): g·act'(z) ("node") or g ("output")."""
     if PLACE_OUT:
         out = g
     else:
-        out = g * _dact(z, ACT)
+        out = g * jit_dact(z, ACT)
     return out
 
 @triton.jit
-def _path_node(leaf, level: tl.constexpr, DEPTH: tl.constexpr):
+def path_node(leaf, level: tl.constexpr, DEPTH: tl.constexpr):
     """Heap index of the level-`level` unit on the path to `leaf` (leaf numbered 0 .. 2^DEPTH-1)."""
     return ((leaf + (1 << DEPTH)) >> (DEPTH - level)) - 1
 
 @triton.jit
-def _subtree_units(root, SUBL: tl.constexpr, SUBW: tl.constexpr):
+def subtree_units(root, SUBL: tl.constexpr, SUBW: tl.constexpr):
     """Columns of a subtree block: local heap index c, its global heap index, relative level, validity."""
     c = tl.arange(0, SUBW)
     lev = tl.zeros((SUBW,), dtype=tl.int32)
@@ -96,7 +96,7 @@ def _subtree_units(root, SUBL: tl.constexpr, SUBW: tl.constexpr):
     return c, heap, lev, c < (1 << SUBL) - 1
 
 @triton.jit
-def _block_tokens(pid, t, cnt_ptr, perm_ptr, n, TOP: tl.constexpr, NBP: tl.constexpr, BM: tl.constexpr):
+def block_tokens(pid, t, cnt_ptr, perm_ptr, n, TOP: tl.constexpr, NBP: tl.constexpr, BM: tl.constexpr):
     """The tokens of program `pid` of tree t: one block of one subtree's tokens (or of all, TOP = 0).
 
     Programs are laid out subtree after subtree, cdiv(count, BM) each; the grid has room for the

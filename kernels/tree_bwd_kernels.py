@@ -1,4 +1,4 @@
-"""Backward Triton kernel of the tree FFN: `_subtree_bwd_kernel`.
+"""Backward Triton kernel of the tree FFN: `subtree_bwd_kernel`.
 
 The design is in the module doc of `tree_triton.py`, whose `tree_backward` launches it; imported
 only where Triton is installed.
@@ -9,11 +9,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tree_jit_helpers import _block_tokens, _path_node, _subtree_units, _unit_grad, _unit_out
+from .tree_jit_helpers import block_tokens, path_node, subtree_units, unit_grad, unit_out
 
 
 @triton.jit
-def _subtree_bwd_kernel(
+def subtree_bwd_kernel(
     x_ptr, w_ptr, u_ptr, dy_ptr, leaf_ptr, z_ptr, perm_ptr, cnt_ptr, dx_ptr, dw_ptr, db_ptr, du_ptr,
     atop_ptr, dztop_ptr, n, D, O, T,
     DEPTH: tl.constexpr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -31,8 +31,8 @@ def _subtree_bwd_kernel(
     NUNIT: tl.constexpr = 2 * NNODE + 1
     PATH: tl.constexpr = DEPTH + 1
     CDT = x_ptr.dtype.element_ty
-    rows, valid, root, busy = _block_tokens(pid, t, cnt_ptr, perm_ptr, n, TOP, NBP, BM)
-    c, heap, lev, cols = _subtree_units(root, SUBL, SUBW)
+    rows, valid, root, busy = block_tokens(pid, t, cnt_ptr, perm_ptr, n, TOP, NBP, BM)
+    c, heap, lev, cols = subtree_units(root, SUBL, SUBW)
     tcol = tl.arange(0, TOPW)  # top levels: column = level
     rk = tl.arange(0, BK)
     ro = tl.arange(0, BO)
@@ -44,13 +44,13 @@ def _subtree_bwd_kernel(
     onpath = tl.zeros((BM, SUBW), dtype=tl.int1)
     zpath = tl.zeros((BM, SUBW), dtype=tl.float32)
     for level in tl.static_range(SUBL):
-        local = _path_node(leaf, TOP + level, DEPTH) - root * (1 << level)
+        local = path_node(leaf, TOP + level, DEPTH) - root * (1 << level)
         sel = (c[None, :] == local[:, None]) & valid[:, None]
         onpath = onpath | sel
         zpath += tl.where(sel, tl.load(zrow + TOP + level, mask=valid, other=0.0)[:, None], 0.0)
     ztop = tl.load(zrow[:, None] + tcol[None, :], mask=valid[:, None] & (tcol[None, :] < TOP), other=0.0)
-    apath = tl.where(onpath, _unit_out(zpath, ACT, PLACE_OUT), 0.0)
-    atop = tl.where(valid[:, None], _unit_out(ztop, ACT, PLACE_OUT), 0.0)
+    apath = tl.where(onpath, unit_out(zpath, ACT, PLACE_OUT), 0.0)
+    atop = tl.where(valid[:, None], unit_out(ztop, ACT, PLACE_OUT), 0.0)
     apath_c = apath.to(CDT)
     touched = cols & (tl.sum(onpath.to(tl.int32), axis=0) > 0)  # rows this block adds into
     g = tl.zeros((BM, SUBW), dtype=tl.float32)  # dL/d(unit output) = dy·u
@@ -69,8 +69,8 @@ def _subtree_bwd_kernel(
             anc = ((root + 1) >> (TOP - level)) - 1
             ul = tl.load(u_t + anc * O + oo, mask=omask, other=0.0).to(tl.float32)
             gtop += tl.where(tcol[None, :] == level, tl.sum(dyf * ul[None, :], axis=1)[:, None], 0.0)
-    dzs = tl.where(onpath, _unit_grad(g, zpath, ACT, PLACE_OUT), 0.0)
-    dztop = tl.where(valid[:, None] & (tcol[None, :] < TOP), _unit_grad(gtop, ztop, ACT, PLACE_OUT), 0.0)
+    dzs = tl.where(onpath, unit_grad(g, zpath, ACT, PLACE_OUT), 0.0)
+    dztop = tl.where(valid[:, None] & (tcol[None, :] < TOP), unit_grad(gtop, ztop, ACT, PLACE_OUT), 0.0)
     if HAS_BIAS:
         tl.atomic_add(db_ptr + t * NUNIT + heap, tl.sum(dzs, axis=0), mask=touched, sem="relaxed")
     if TOP > 0:  # top rows: A and dZ by top node (column = heap index), zeros off the path
