@@ -27,7 +27,6 @@ from routescope.analysis.tree import LayerInfo, layer_infos
 from routescope.store.reader import RunFile, reads_run_file
 from routescope.store.schema import layer_sizes
 
-
 FAMILY_GROUPS = tuple(name for name in FAMILY_ANALYSES if name != "tree")  # drawn by family_views
 FAMILY_BLOCK = 256  # intervals per family_timeseries call when the curves catch up
 WHOLE_RUN_EVERY_S = 30.0  # a live run's pruning events / warnings are refreshed at most this often
