@@ -180,3 +180,68 @@ def test_corrupted_copies_give_clean_errors_only(debug_run: Path, tmp_path: Path
                 assert "\n" not in str(err) and str(path) in str(err)
                 outcomes["clean error"] += 1
     assert outcomes["clean error"] > 0  # the fuzz did reach damaged metadata
+
+
+# ---- RunFile: the one front door ---------------------------------------------------------------------------
+
+
+def test_runfile_groups_state_and_attributes(written) -> None:
+    path, rows, steps = written
+    with routescope.RunFile.open(path) as run:
+        assert run.schema_version == SCHEMA_VERSION and run.state == "finished" and run.failure is None
+        assert run.config == {"lr": 0.1} and [layer["name"] for layer in run.layers] == ["blocks.0.mlp", "blocks.1.mlp"]
+        assert run.families == ("tree",) and set(run.groups) == {"tree", "run"} and "tree" in run and "l1" not in run
+        assert run.samples == 0 and run.complete_rows("tree") == len(steps) and not run.live
+        ds = run.dataset("tree")
+        assert ds is run.dataset("tree")  # opened once, cached
+        assert list(ds["step"].values) == steps
+        for name in ("node_visits", "leaf_act_sum", "nonfinite_tokens"):
+            np.testing.assert_array_equal(ds[name].values, np.stack([r[name] for r in rows]))
+        assert run.describe()["intervals"] == len(steps) and run.describe()["last_step"] == steps[-1]
+        with pytest.raises(RunFileError, match="no group 'l1'"):
+            run.dataset("l1")
+    with pytest.raises(Exception):  # closed with the `with`: its Datasets stop working
+        ds["node_visits"].values
+
+
+def test_runfile_direct_reads_match_the_dataset(written) -> None:
+    """The dashboard's fast path: one interval's hyperslab equals the Dataset's row; rows are bounded."""
+    path, rows, steps = written
+    with routescope.RunFile.open(path) as run:
+        for i in range(len(steps)):
+            np.testing.assert_array_equal(run.read("tree", "node_visits", i, 1, slice(0, 1), slice(0, 3)),
+                                          rows[i]["node_visits"][1, :1, :3])  # fmt: skip
+        np.testing.assert_array_equal(run.read("tree", "leaf_visits", slice(1, None), 0), np.stack([r["leaf_visits"][0] for r in rows[1:]]))
+        for bad in (len(steps), -1):
+            with pytest.raises(IndexError, match="complete rows"):
+                run.read("tree", "node_visits", bad)
+
+
+def test_runfile_never_shows_a_partial_row(tmp_path: Path) -> None:
+    path = tmp_path / "partial.h5"
+    layers = [LayerLayout("l", 2, 1)]
+    writer = RunWriter(path, layers, {})
+    writer.append_interval(1, synthetic_rows(np.random.default_rng(1), layers, writer.sizes), {})
+    writer.file["tree/node_visits"].resize(2, axis=0)  # data one row ahead of the coordinate, as after a kill
+    writer.file.flush()
+    writer.close("interrupted")
+    with routescope.RunFile.open(path) as run:
+        assert run.complete_rows("tree") == 1 and run.state == "interrupted"
+        assert run.read("tree", "node_visits", slice(None)).shape[0] == 1
+        with pytest.raises(IndexError):
+            run.read("tree", "node_visits", 1)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "no such file"),
+    (lambda p: p.mkdir(), "is a directory"),
+    (lambda p: p.write_bytes(b""), "is empty"),
+    (lambda p: p.write_text("not hdf5"), "not an HDF5 file"),
+    (lambda p: h5py.File(p, "w").close(), "not a routescope run"),
+])  # fmt: skip
+def test_runfile_refuses_with_one_line(tmp_path: Path, make, message: str) -> None:
+    path = tmp_path / "x.h5"
+    make(path)
+    with pytest.raises(RunFileError, match=message) as err:
+        routescope.RunFile.open(path)
+    assert "\n" not in str(err.value)
