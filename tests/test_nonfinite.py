@@ -66,13 +66,15 @@ def test_tree_counts_bad_tokens_per_tree_and_sums_only_finite_ones(variant: str)
 @pytest.mark.skipif(not tree_triton.available(), reason="triton is not installed")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN in the interpreter's numpy
 def test_tree_triton_backend_counts_like_the_reference() -> None:
-    """The layer on the Triton kernels (CPU interpreter without a GPU) records what the reference records."""
+    """The layer on the Triton kernels (on the GPU where there is one, else Triton's CPU interpreter) records
+    what the reference records on the CPU."""
     torch.manual_seed(2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels take CUDA tensors only
     ref = TreeFFN(D, 5, depth=4, trees=2)
-    fast = copy.deepcopy(ref)
+    fast = copy.deepcopy(ref).to(device)
     fast.backend = "triton"
     x = poisoned(n=40)
-    got, expected = fed(fast, x), fed(ref, x)
+    got, expected = {k: v.cpu() for k, v in fed(fast, x.to(device)).items()}, fed(ref, x)
     assert got["nonfinite_tokens"].tolist() == expected["nonfinite_tokens"].tolist() == [len(BAD) + 1] * 2
     for name, value in expected.items():
         if value.dtype == torch.int64:
