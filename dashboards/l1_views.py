@@ -27,13 +27,10 @@ class L1Views(GroupViews):
 
     def l1_at_step(self, run: int | None, layer: int | None, step_index: int | None) -> tuple[go.Figure, go.Figure]:
         """Active-units histogram and sorted per-unit firing rates of one L1 layer at the slider's interval."""
-        pick = self._family_pick("l1", run, layer)
+        pick = self._pick_row("l1", run, layer, step_index)
         if isinstance(pick, str):
             return self._empty(pick), self._empty(pick)
-        src, index, label = pick
-        row = src.family_row("l1", step_index)
-        if row is None:
-            return self._empty("no interval recorded yet"), self._empty("no interval recorded yet")
+        src, index, label, row = pick
         data = src.l1_interval(index, row)
         hist = FF.active_units_histogram(data["edges"], data["hist"], data["step"], label, float(data["active_mean"]))
         return hist, FF.unit_firing_rates(data["unit_firing_rate"], data["step"], label)

@@ -27,13 +27,10 @@ class MoEViews(GroupViews):
 
     def moe_at_step(self, run: int | None, layer: int | None, step_index: int | None) -> tuple[go.Figure, go.Figure]:
         """Expert-load bars (uniform level marked) and the co-selection matrix of one MoE layer at the slider's interval."""
-        pick = self._family_pick("moe", run, layer)
+        pick = self._pick_row("moe", run, layer, step_index)
         if isinstance(pick, str):
             return self._empty(pick), self._empty(pick)
-        src, index, label = pick
-        row = src.family_row("moe", step_index)
-        if row is None:
-            return self._empty("no interval recorded yet"), self._empty("no interval recorded yet")
+        src, index, label, row = pick
         data = src.moe_interval(index, row)
         bars = FF.expert_load_bars(data["processed"], data["selected"], data["step"], label,
                                    float(data["load_cv"]), float(data["max_mean_load"]))  # fmt: skip

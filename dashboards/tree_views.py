@@ -12,7 +12,7 @@ from dash import Dash, Input, Output, State, dcc, html, no_update
 
 from routescope.dashboards import figures as F
 from routescope.dashboards.sources import RunSource, seed_groups
-from routescope.dashboards.views import FamilyView, graph
+from routescope.dashboards.views import FamilyView, HostedViews, graph
 
 METRIC_LABELS = {
     "static_fraction": "static fraction (auto-pruning)",
@@ -28,21 +28,8 @@ METRIC_LABELS = {
 }
 
 
-class TreeViews:
-    """Callback bodies of the tree tabs; the host class provides `source(run)`, `_empty(message)`,
-    `tab_label(family)` and `sources`."""
-
-    sources: list[RunSource]
-
-    def source(self, run: int | None) -> RunSource:  # provided by Dashboard
-        raise NotImplementedError
-
-    @staticmethod
-    def _empty(message: str) -> go.Figure:  # provided by Dashboard
-        raise NotImplementedError
-
-    def tab_label(self, family: str) -> str:  # provided by Dashboard
-        raise NotImplementedError
+class TreeViews(HostedViews):
+    """Callback bodies of the tree tabs (mixed into app.Dashboard)."""
 
     @staticmethod
     def _step_index(src: RunSource, step_index: int | None) -> int:

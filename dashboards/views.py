@@ -45,9 +45,9 @@ def side_by_side(*graphs: tuple[dcc.Graph, str]) -> html.Div:
     return html.Div([html.Div(g, style={"flex": flex}) for g, flex in graphs], style={"display": "flex"})
 
 
-class GroupViews:
-    """What the views of a family with its own group (l1, moe) share; the host class provides `source(run)`,
-    `_empty(message)` and `sources`."""
+class HostedViews:
+    """What every family's views use of the host class (app.Dashboard): the runs, one by position, an
+    empty figure that says why, and the tab label of a family."""
 
     sources: list[RunSource]
 
@@ -57,6 +57,13 @@ class GroupViews:
     @staticmethod
     def _empty(message: str) -> go.Figure:  # provided by Dashboard
         raise NotImplementedError
+
+    def tab_label(self, family: str) -> str:  # provided by Dashboard
+        raise NotImplementedError
+
+
+class GroupViews(HostedViews):
+    """What the views of a family with its own group (l1, moe) share."""
 
     def _family_pick(self, family: str, run: int | None, layer: int | None) -> tuple[RunSource, int, str] | str:
         """The run, the layer index and its label; or the reason there is nothing to draw."""
@@ -70,6 +77,16 @@ class GroupViews:
         if src.families[family].sizes["step"] == 0:
             return f"no {family} interval recorded yet"
         return src, index, f"{family} layer {index} ({layers[index].name})"
+
+    def _pick_row(self, family: str, run: int | None, layer: int | None,
+                  step_index: int | None) -> tuple[RunSource, int, str, int] | str:  # fmt: skip
+        """As `_family_pick`, plus the family group's row at the slider's step."""
+        pick = self._family_pick(family, run, layer)
+        if isinstance(pick, str):
+            return pick
+        src, index, label = pick
+        row = src.family_row(family, step_index)
+        return "no interval recorded yet" if row is None else (src, index, label, row)
 
     def family_compare(self, family: str, metric: str, layer: int | None) -> go.Figure:
         """One metric of one l1/moe layer per interval for every run that has the layer, on the same axes;
