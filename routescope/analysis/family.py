@@ -28,6 +28,11 @@ class Metric:
     label: str
     name: str
 
+    @property
+    def short(self) -> str:
+        """The label on one line ("bal-\\nance" -> "balance", "route\\nH" -> "route H")."""
+        return self.label.replace("-\n", "").replace("\n", " ")
+
 
 @dataclass(frozen=True)
 class FamilyAnalysis:
@@ -191,6 +196,6 @@ def legend(families_shown: list[str]) -> list[tuple[str, str]]:
     for name in families_shown:
         fam = FAMILY_ANALYSES[name]
         for metric in fam.columns:
-            seen.setdefault(metric.label.replace("\n", " "), metric.name)
+            seen.setdefault(metric.short, metric.name)
     return list(seen.items())
 

@@ -156,5 +156,5 @@ def compare_table(reports: list[dict[str, Any]]) -> Table:
             for metric in family.columns:
                 values = [next((lay[metric.key] for lay in r["layers"] if lay["layer"] == index and lay["family"] == family.name),
                                None) for r in reports]  # fmt: skip
-                table.add_row(label_layer, metric.label.replace("\n", " "), *(_fmt(v) for v in values))
+                table.add_row(label_layer, metric.short, *(_fmt(v) for v in values))
     return table
