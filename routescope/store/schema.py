@@ -10,7 +10,9 @@ layer of the family, with zeros (counts and sums alike; the traces with -1 or Na
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,7 @@ class Family:
     layer_vars: dict[str, tuple[str, str, str]]  # variable -> (config key, dtype, meaning); dims (layer,)
     traces: dict[str, Variable]  # in group `traces`; dims (sample, trace_layer_dim, ...)
     trace_layer_dim: str  # the layer dimension of this family's trace variables
+    sizes: Callable[[dict[str, Any]], dict[str, int]]  # a layer's spec dict -> its dimension sizes
 
     @property
     def stat_dims(self) -> tuple[str, ...]:
@@ -92,6 +95,7 @@ TREE = Family(
         "path_act": Variable(("sample", "layer", "tree", "level"), "f4", "pre-activation z at each level of the path"),
     },
     trace_layer_dim="layer",
+    sizes=lambda config: tree_sizes(config),
 )
 
 L1 = Family(
@@ -106,6 +110,7 @@ L1 = Family(
     layer_vars={"layer_units": ("d_hidden", "i4", "hidden units of the layer")},
     traces={"l1_active": Variable(("sample", "l1_layer"), "i4", "non-zero hidden units of the sampled token")},
     trace_layer_dim="l1_layer",
+    sizes=lambda config: l1_sizes(config),
 )
 
 _EXPERT = ("step", "layer", "expert")
@@ -133,6 +138,7 @@ MOE = Family(
         "moe_kept": Variable(("sample", "moe_layer", "choice"), "i1", "1 if the choice was processed, 0 if dropped"),
     },
     trace_layer_dim="moe_layer",
+    sizes=lambda config: moe_sizes(config),
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (TREE, L1, MOE)}  # file order of the groups
@@ -157,17 +163,28 @@ def active_bin_edges(width: int) -> np.ndarray:
     return edges[: last + 1]
 
 
-def layer_sizes(family: str, config: dict) -> dict[str, int]:
+def layer_sizes(family: str, config: dict[str, Any]) -> dict[str, int]:
     """Per-layer dimension sizes from a layer's spec dict (`TreeSpec.to_dict()` and the like)."""
-    if family == "tree":
-        d, t = int(config["depth"]), int(config["trees"])
-        return {"tree": t, "node": 2**d - 1, "leaf": 2**d, "level": d + 1}
-    if family == "l1":
-        return {"unit": int(config["d_hidden"]), "bin": len(active_bin_edges(int(config["d_hidden"]))) - 1}
-    if family == "moe":
-        e = int(config["experts"])
-        return {"expert": e, "other_expert": e, "choice": int(config["k"])}
-    raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILIES)}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[family].sizes(config)
+
+
+def tree_sizes(config: dict[str, Any]) -> dict[str, int]:
+    """A tree layer's sizes: T trees of depth d have 2^d - 1 decision nodes, 2^d leaves, d + 1 path levels."""
+    d, t = int(config["depth"]), int(config["trees"])
+    return {"tree": t, "node": 2**d - 1, "leaf": 2**d, "level": d + 1}
+
+
+def l1_sizes(config: dict[str, Any]) -> dict[str, int]:
+    """An L1 layer's sizes: its hidden units and the active-count histogram's bins for that width."""
+    return {"unit": int(config["d_hidden"]), "bin": len(active_bin_edges(int(config["d_hidden"]))) - 1}
+
+
+def moe_sizes(config: dict[str, Any]) -> dict[str, int]:
+    """An MoE layer's sizes: E experts (both axes of the co-selection matrix) and k choices per token."""
+    e = int(config["experts"])
+    return {"expert": e, "other_expert": e, "choice": int(config["k"])}
 
 
 def coordinate_values(dim: str, size: int) -> np.ndarray:
