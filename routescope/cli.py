@@ -6,8 +6,12 @@ tracebacks are for bugs only.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
+import socket
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from routescope.store import RunFileError
+from routescope.store.format import RunFileError, first_line
 
 app = typer.Typer(
     help="Record, measure and see the routing dynamics of sparse feed-forward layers.",
@@ -81,13 +85,22 @@ def record(
     if resume is not None:
         out, name, cfg = resume, config, _resumed_config(resume, config, overrides)
     else:
+        if out.is_dir():
+            fail(f"--out {out} is a folder; give the path of the run file to write, e.g. --out {out / 'run.h5'}")
         if out.exists() and not overwrite:
             fail(f"{out} already exists; pass --overwrite to replace it, --resume {out} to continue it, "
                  "or --out to write elsewhere")  # fmt: skip
         if out.parent != Path("") and not out.parent.is_dir():
             fail(f"cannot write {out}: folder {out.parent} does not exist")
+        if not os.access(out.parent, os.W_OK):
+            fail(f"cannot write {out}: folder {out.parent} is not writable (a read-only filesystem, or no permission); "
+                 "choose another --out")  # fmt: skip
         name = config or "shakespeare-tree"
         cfg = get_preset(name, **overrides)
+    step_tokens = cfg.batch_size * cfg.model.seq_len
+    if cfg.sample_tokens > step_tokens:  # the sample is drawn from an interval's last step: more cannot exist
+        fail(f"--sample-tokens {cfg.sample_tokens} is more than the {step_tokens} tokens of one training step of "
+             f"this preset (the sample comes from each interval's last step); give at most {step_tokens}")
 
     from routescope.record.recorder import RecorderError
     from routescope.trainers.train import train
@@ -106,7 +119,11 @@ def record(
         fail(str(err))
     except (RecorderError, OSError) as err:  # a full disk: the run file's writer, or the training checkpoint
         recorder = getattr(err, "recorder", None)
-        what = recorder.stopped_message(hint=False) if recorder is not None else str(err.strerror or err)
+        what = recorder.stopped_message(hint=False) if recorder is not None else str(err.strerror or first_line(err))
+        if getattr(err, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR):
+            fail(f"cannot write {out} ({what}); choose another --out")
+        if not out.exists():
+            fail(f"{what}; {out} was not created, so nothing was recorded")
         fail(f"{what}; once there is room, continue with `routescope record --resume {out}`")
     size = out.stat().st_size
     console.print(
@@ -153,7 +170,7 @@ def sweep(
     list_sweeps: Annotated[bool, typer.Option("--list", help="List the sweeps and sizes, then exit.")] = False,
 ) -> None:
     """Train an ablation (activation, placement, bias, depth, trees, dense) over seeds; finished runs are reused."""
-    from routescope.trainers.sweep import SIZES, SWEEPS, run_sweep, sweep_configs
+    from routescope.trainers.sweep import SIZES, SWEEPS, reusable, run_sweep, sweep_configs
 
     if list_sweeps or name is None:
         table = Table("sweep", "variants", "question", box=None)
@@ -174,13 +191,18 @@ def sweep(
     console.print(f"[bold]routescope sweep[/] {name} ({size}): {len(runs)} runs → {out}/")
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
+        reused = [run for run, cfg in runs.items() if reusable(out / f"{run}.h5", cfg)]
+        if reused:
+            console.print(f"reusing {len(reused)} finished run{'s' if len(reused) != 1 else ''} of the same configuration")
         paths = run_sweep(name, out, size, seeds, steps, device)
     except KeyboardInterrupt:
         fail(f"interrupted; finished runs in {out} are kept and reused when the sweep is run again")
-    except ValueError as err:
+    except (ValueError, RunFileError) as err:
         fail(str(err))
-    console.print(f"{len(paths)} runs in {out}/; compare them: [cyan]routescope report {out}/{name}-*.h5[/] "
-                  f"or [cyan]routescope dash {out}/{name}-*.h5[/]")  # fmt: skip
+    except OSError as err:  # a read-only or full disk under --out
+        fail(f"cannot write the runs to {out}/ ({err.strerror or first_line(err)}); choose a writable --out folder")
+    console.print(f"{len(paths)} runs in {out}/ ({len(reused)} reused, {len(paths) - len(reused)} trained); compare them: "
+                  f"[cyan]routescope report {out}/{name}-*.h5[/] or [cyan]routescope dash {out}/{name}-*.h5[/]")  # fmt: skip
 
 
 @app.command()
@@ -205,6 +227,9 @@ def info(
     console.print(f"{steps}; {summary['tokens']:,} tokens; {summary['samples']:,} sampled token traces")
     if summary.get("failure"):
         console.print(f"[red]stopped[/]: {summary['failure']}", highlight=False)
+    if summary.get("losses"):
+        console.print("loss: " + ", ".join(f"{name.removesuffix('_loss')} {v['first']:.3f} → {v['last']:.3f}"
+                                           for name, v in summary["losses"].items()))  # fmt: skip
     if summary.get("families"):
         groups = ", ".join(f"{name} ({n} layer{'s' if n != 1 else ''})" for name, n in summary["families"].items())
         console.print(f"groups: {groups} (routescope.open(path, group=NAME))")
@@ -235,6 +260,11 @@ def _layer_tables(layers: list[dict]) -> list[Table]:
             table.add_row(str(i), layer["name"], family.name, *(_cell(layer.get(key)) for _, key in family.info_columns))
         tables.append(table)
     return tables
+
+
+def _fmt3(value: float | None) -> str:
+    """A share as the report table prints it: 3 decimals, – for none."""
+    return "–" if value is None else f"{value:.3f}"
 
 
 def _cell(value: object) -> str:
@@ -269,7 +299,7 @@ def report(
             w = e["early_warning"]
             console.print(f"pruning: {e['died']} nodes died (first at step {e['first_death_step']}), {e['froze']} froze; "
                           f"early warning: {w['flags']} flags, {w['predicted']}/{w['deaths']} deaths predicted "
-                          f"(precision {w['precision']}, recall {w['recall']})")  # fmt: skip
+                          f"(precision {_fmt3(w['precision'])}, recall {_fmt3(w['recall'])})")  # fmt: skip
     else:
         console.print(compare_table(reports))
         families = list(dict.fromkeys(layer["family"] for r in reports for layer in r["layers"]))
@@ -310,6 +340,10 @@ def dash(
         app_ = create_app(paths, interval)
     except RunFileError as err:
         fail(str(err))
+    try:
+        socket.getaddrinfo(host, port)
+    except OSError as err:
+        fail(f"cannot serve on --host {host} ({err.strerror or err}); give an address of this machine, e.g. 127.0.0.1")
     if not is_loopback(host):
         errors.print(f"[bold red]WARNING: serving on {host}: anyone who can reach this machine on port {port} "
                           "can read these runs (no authentication). Use --host 127.0.0.1 and an SSH tunnel instead.[/]")  # fmt: skip
@@ -318,18 +352,27 @@ def dash(
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no per-request log lines, no dev-server banner
-    app_.run(host=host, port=port, debug=False)
+    try:
+        app_.run(host=host, port=port, debug=False)
+    except OSError as err:  # the port is taken, or the address is not this machine's
+        fail(f"cannot serve on {host}:{port} ({err.strerror or first_line(err)}); pick another --port or --host")
 
 
 @app.callback(invoke_without_command=True)
 def _main(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
+    warnings.showwarning = _one_line_warning  # user-facing warnings as one line, not with a source line
     if version:
         from routescope.version import __version__
 
         print(__version__)
         raise typer.Exit()
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None,
+                      line: str | None = None) -> None:  # fmt: skip
+    errors.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -91,6 +91,31 @@ def family_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture
+def readonly_dir(tmp_path: Path):
+    """make(files) -> a folder on a real read-only filesystem (a tmpfs remounted ro) holding copies of
+    `files` ({name: source}); skipped, visibly, where this process may not mount."""
+    import shutil
+
+    mounts: list[Path] = []
+
+    def make(files: dict[str, Path] | None = None) -> Path:
+        where = tmp_path / f"readonly{len(mounts)}"
+        where.mkdir()
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], capture_output=True)
+        if mounted.returncode:
+            pytest.skip("cannot mount a filesystem here (needs root): the read-only cases need one")
+        mounts.append(where)
+        for name, source in (files or {}).items():
+            shutil.copy(source, where / name)
+        subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True, capture_output=True)
+        return where
+
+    yield make
+    for where in mounts:
+        subprocess.run(["umount", str(where)], capture_output=True)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Browser tests (dash[testing]) run headless Chromium: no display here or in CI."""
     if hasattr(config.option, "headless"):

@@ -193,8 +193,9 @@ def check_family_invariants(f: h5py.File, family: str) -> np.ndarray:
 
 def check_run_file(kill: Kill, expect_state: str | None = None) -> Outcome:
     """Assert what a signalled run must keep; raises AssertionError naming the first violation."""
-    import routescope
     from conftest import check_tree_invariants
+
+    import routescope
 
     path, family = kill.path, kill.family
     assert path.is_file(), f"{path}: no file"

@@ -9,12 +9,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import check_tree_invariants
 
 from routescope import Recorder
 from routescope.trainers.data import Corpus
 from routescope.trainers.model import GPT, GPTConfig
-
-from conftest import check_tree_invariants
 
 COUNTS = ("tokens", "node_visits", "node_right", "node_fires", "leaf_visits", "leaf_fires")
 SUMS = ("node_act_sum", "node_act_sqsum", "leaf_act_sum", "leaf_act_sqsum")

@@ -18,6 +18,7 @@ import pytest
 
 pytest.importorskip("dash.testing", reason="dash[testing] is not installed")
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402  (selenium comes with dash[testing])
+
 pytestmark = pytest.mark.slow
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -24,8 +24,8 @@ from routescope import analysis as metrics
 from routescope.dashboards import figures_families as FF
 from routescope.dashboards import sources
 from routescope.dashboards.app import create_app
-from routescope.store.schema import active_bin_edges
 from routescope.store import LayerLayout
+from routescope.store.schema import active_bin_edges
 from routescope.store.writer import RunWriter
 
 # ---- figures on known answers ---------------------------------------------------------------------------

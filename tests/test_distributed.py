@@ -12,12 +12,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import check_tree_invariants
 from torch import nn
 
 from routescope import Recorder, TreeFFN
 from routescope.record.distributed import NullWriter, accumulator_names, ignore_accumulators, reduce_interval
-
-from conftest import check_tree_invariants
 
 STEPS, EVERY, WORLD = 5, 2, 2  # intervals close at steps 2, 4 and 5 (the partial last one)
 COUNTS = ("tokens", "layer_tokens", "node_visits", "node_right", "node_fires", "leaf_visits", "leaf_fires")

@@ -20,9 +20,8 @@ import torch.multiprocessing as mp
 from test_distributed import WORLD, Net, global_batches
 
 from routescope import Recorder
-from routescope.store import writer
 from routescope.record.recorder import RecorderError
-from routescope.store import RunFileError
+from routescope.store import RunFileError, writer
 
 DEADLINE_S = 120.0
 FAIL_AT_ROW = 2  # rank 0's writer fails inside the third interval

@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import check_tree_invariants
 from torch import nn
 
 import routescope
 from routescope import Recorder, TreeFFN
 from routescope.layers import L1SparseFFN, TopKMoE, aux_loss, find_routed_layers
 from routescope.store.schema import TREE, active_bin_edges
-
-from conftest import check_tree_invariants
-
 
 # ------------------------------------------------------------------------------------------ L1 layer
 

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 import routescope
 from routescope import analysis
 from routescope.analysis.family import FAMILY_ANALYSES, legend
 from routescope.analysis.report import build_report
-
-from conftest import run_cli
 
 
 def test_interface_keys_are_the_metrics() -> None:

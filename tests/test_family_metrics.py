@@ -11,17 +11,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from torch import nn
 
 import routescope
-from routescope import Recorder
-from routescope import analysis
+from routescope import Recorder, analysis
 from routescope.layers import L1SparseFFN, TopKMoE
-from routescope.store.schema import active_bin_edges
 from routescope.store import LayerLayout
+from routescope.store.schema import active_bin_edges
 from routescope.store.writer import RunWriter
-
-from conftest import run_cli
 
 
 def l1_row(active_per_token: list[int], fired: list[list[int]], units: int) -> dict[str, np.ndarray]:

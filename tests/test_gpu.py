@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import check_tree_invariants
 
 import routescope
 from routescope import Recorder, TreeFFN
-
-from conftest import check_tree_invariants
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")]
 

@@ -9,12 +9,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import check_tree_invariants
 
 import routescope
 from routescope.trainers.data import Corpus
 from routescope.trainers.model import GPT, GPTConfig
-
-from conftest import check_tree_invariants
 
 BATCH, SEQ, ACCUMULATE, STEPS, EVERY = 2, 16, 2, 6, 2
 ROWS = STEPS // EVERY

@@ -9,14 +9,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import run_cli
 
 import routescope
 from routescope import analysis
 from routescope.analysis.events import early_warnings, pruning_events
 from routescope.store import LayerLayout
 from routescope.store.writer import RunWriter
-
-from conftest import run_cli
 
 
 def counts_from_leaves(leaves: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:

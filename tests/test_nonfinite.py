@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 import routescope
 from routescope import Recorder, TreeFFN
+from routescope.analysis.report import build_report
 from routescope.kernels import tree_triton
 from routescope.layers import L1SparseFFN, TopKMoE
-from routescope.analysis.report import build_report
 
 D = 8
 BAD = [2, 5, 11]  # token rows set to NaN

@@ -51,3 +51,5 @@ def test_notebook_executes_and_leaves_figures(path: Path, runs_dir: Path, tmp_pa
         for axis in ("xaxis", "yaxis"):
             if axis in layout and layout[axis].get("visible", True) and "title" in layout[axis]:
                 assert layout[axis]["title"].get("text"), f"unlabelled {axis} in {path.name}"
+    tables = [o["data"].get("text/html", "") + o["data"].get("text/plain", "") for o in outputs if "data" in o]
+    assert not [t for t in tables if "<lambda" in t or "&lt;lambda" in t], f"{path.name} shows a column named after a lambda"

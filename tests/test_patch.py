@@ -7,13 +7,12 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
+from conftest import check_tree_invariants
 from torch import nn
 
 import routescope
 from routescope import Recorder, TreeFFN, layers
 from routescope.trainers.data import Corpus
-
-from conftest import check_tree_invariants
 
 transformers = pytest.importorskip("transformers", reason="patch tests need the [hf] extra")
 

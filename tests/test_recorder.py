@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import check_tree_invariants
 from torch import nn
 
 import routescope
 from routescope import Recorder, TreeFFN
 from routescope.record.recorder import RecorderError
 from routescope.store.writer import RunWriter
-
-from conftest import check_tree_invariants
 
 
 class TwoTrees(nn.Module):

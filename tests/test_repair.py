@@ -14,8 +14,8 @@ import pytest
 from conftest import run_cli
 from test_cli import assert_user_error
 
-from routescope.store.repair import FLAGS_AT, clear_open_flags, lookup3
 from routescope.store import RunFileError
+from routescope.store.repair import FLAGS_AT, clear_open_flags, lookup3
 
 # A writer that appends intervals and then dies without closing (os._exit: like SIGKILL, no cleanup),
 # or, with "wait", stays alive holding the file open until killed.

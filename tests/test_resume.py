@@ -16,12 +16,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import check_tree_invariants, open_plain, run_cli
+
 from routescope import Recorder
 from routescope.layers import TreeFFN
-from routescope.store.lock import RunLockedError, lock_path
 from routescope.store import RunFileError, describe
+from routescope.store.lock import RunLockedError, lock_path
 from routescope.trainers.presets import get_preset
 from routescope.trainers.train import config_from_dict, train
 

@@ -12,13 +12,12 @@ import h5py
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import check_tree_invariants, open_plain
 
 import routescope
 from routescope.store.format import SCHEMA_VERSION, TREE_VARIABLES, LayerLayout, RunFileError
 from routescope.store.reader import open_h5
 from routescope.store.writer import RunWriter
-
-from conftest import check_tree_invariants, open_plain
 
 
 def synthetic_rows(rng: np.random.Generator, layers: list[LayerLayout], sizes: dict[str, int]) -> dict[str, np.ndarray]:
@@ -159,8 +158,8 @@ def test_read_while_a_run_is_writing(tmp_path: Path) -> None:
 def test_corrupted_copies_give_clean_errors_only(debug_run: Path, tmp_path: Path) -> None:
     """Seeded fuzz: 40 copies of a real run with random byte flips. Every reader either works or
     raises RunFileError (one line for the CLI), never another exception. Issue 9's soak runs more."""
-    from routescope.dashboards.app import Dashboard
     from routescope.analysis.report import build_report
+    from routescope.dashboards.app import Dashboard
     from routescope.store import RunFileError, describe
 
     data = debug_run.read_bytes()

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import check_tree_invariants
 
 import routescope
 from routescope.trainers.data import Corpus, decode, load_plays
 from routescope.trainers.model import GPT
 from routescope.trainers.presets import DEFAULT_PRESET, PRESETS, get_preset
 from routescope.trainers.train import learning_rate, train
-
-from conftest import check_tree_invariants
 
 
 def test_corpus_is_the_real_plays() -> None:

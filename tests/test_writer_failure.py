@@ -17,8 +17,8 @@ from torch import nn
 
 import routescope
 from routescope import Recorder, TreeFFN
-from routescope.store import write_errors, writer
 from routescope.record.recorder import RecorderError
+from routescope.store import write_errors, writer
 
 GOOD_INTERVALS = 3
 DEADLINE_S = 20.0  # the failure must reach the training thread well within this (never a hang)

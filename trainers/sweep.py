@@ -9,6 +9,7 @@ preset, about a minute a run) and "gpu" (the GPU preset).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -79,19 +80,26 @@ def sweep_configs(sweep: str, size: str = "tiny", seeds: int = 2, steps: int | N
 STILL_WRITING_S = 120.0  # a "running" file modified this recently belongs to a live process
 
 
-def _finished(path: Path) -> bool:
-    """A run file that closed normally (reused by a later sweep); anything else is trained again,
-    except a file another process is still writing, which is an error rather than a silent clash."""
-    from routescope.store import RunFileError, describe
+def reusable(path: Path, cfg: TrainConfig) -> bool:
+    """True for a run file that closed normally with exactly this training configuration (a later sweep
+    reuses it); a missing, damaged, unfinished or differently configured run is trained again. A file that
+    is no routescope run at all, or that another process is still writing, is an error, never replaced."""
+    from routescope.store import describe
+    from routescope.store.format import ForeignFileError, RunFileError
 
+    if not path.exists():
+        return False
     try:
-        state = describe(path)["run_state"] if path.exists() else None
+        summary = describe(path)
+    except ForeignFileError as err:
+        raise ValueError(f"refusing to overwrite {path}: {err}; move it away or use another --out folder") from None
     except (RunFileError, OSError):  # damaged (e.g. two writers once clashed): train it again
         return False
-    if state == "running" and time.time() - path.stat().st_mtime < STILL_WRITING_S:
+    if summary["run_state"] == "running" and time.time() - path.stat().st_mtime < STILL_WRITING_S:
         raise ValueError(f"{path} is being written by another process (modified {time.time() - path.stat().st_mtime:.0f} s ago); "
                          "wait for it to finish, or use another --out folder")  # fmt: skip
-    return state == "finished"
+    stored = summary["config"].get("preset")
+    return summary["run_state"] == "finished" and stored == json.loads(json.dumps(cfg.to_dict()))
 
 
 def run_sweep(
@@ -103,7 +111,8 @@ def run_sweep(
     device: str = "auto",
     show_progress: bool = True,
 ) -> dict[str, Path]:
-    """Train (or reuse) every run of a sweep into `out`; returns {run name: file}."""
+    """Train every run of a sweep into `out`, reusing finished runs of the same configuration; returns
+    {run name: file}."""
     from routescope.trainers.train import train
 
     folder = Path(out)
@@ -111,7 +120,7 @@ def run_sweep(
     paths = {}
     for name, cfg in sweep_configs(sweep, size, seeds, steps).items():
         path = folder / f"{name}.h5"
-        if not _finished(path):
+        if not reusable(path, cfg):
             if show_progress:
                 print(f"training {name} -> {path}", flush=True)
             train(cfg, out=path, device=device, overwrite=True, show_progress=show_progress)

@@ -100,14 +100,17 @@ class WarningReport:
         return self.predicted / self.deaths if self.deaths else float("nan")
 
 
-def early_warnings(ds: xr.Dataset, horizon: int = 10, lookback: int = 5, min_tokens: float = 1.0) -> WarningReport:
+def early_warnings(ds: xr.Dataset, horizon: int = 10, lookback: int = 5, min_tokens: float = 1.0,
+                   layers: list[int] | None = None) -> WarningReport:  # fmt: skip
     """Flag nodes whose minority child is projected to receive < `min_tokens` per interval within
     `horizon` intervals, by extrapolating the trend of |mu|/sigma over the last `lookback` intervals;
-    then score the flags against the deaths that followed in the same run."""
+    then score the flags against the deaths that followed in the same run (of the chosen `layers` only)."""
     names = ("node_visits", "node_right", "node_act_sum", "node_act_sqsum")
     steps = ds["step"].values
     infos = layer_infos(ds)
     events = pruning_events(ds)
+    if layers is not None:
+        events = events[events["layer"].isin(layers)]
     death_index = {(r.layer, r.tree, r.node): int(np.searchsorted(steps, r.step)) for r in events.itertuples() if r.kind == "died"}
     history: list[np.ndarray] = []
     flags = []
@@ -128,7 +131,7 @@ def early_warnings(ds: xr.Dataset, horizon: int = 10, lookback: int = 5, min_tok
             child_visits = np.where(right_is_minority, block["node_right"][i], block["node_visits"][i] - block["node_right"][i])
             risky = (v[i] > 0) & (child_visits > 0) & (slope > 0) & (v[i] * minority_share < min_tokens)
             for layer, tree, node in zip(*np.nonzero(risky)):
-                if tree >= infos[layer].trees or node >= 2 ** infos[layer].depth - 1:
+                if tree >= infos[layer].trees or node >= 2 ** infos[layer].depth - 1 or (layers is not None and layer not in layers):
                     continue
                 flags.append((at + i, int(layer), int(tree), int(node),
                               int(2 * node + 1 + right_is_minority[layer, tree, node]), float(projected[layer, tree, node])))  # fmt: skip

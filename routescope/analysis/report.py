@@ -59,7 +59,7 @@ def build_report(path: str | Path, window: Window = (None, None), layers: list[i
             "families": means,
         }
         if events and "tree" in datasets and chosen["tree"] != []:
-            result["events"] = _events(select_window(datasets["tree"], window))
+            result["events"] = _events(select_window(datasets["tree"], window), chosen["tree"])
         return result
 
 
@@ -88,11 +88,14 @@ def nonfinite_warnings(report: dict[str, Any]) -> list[str]:
             for layer in report["layers"] if layer.get("nonfinite_tokens")]  # fmt: skip
 
 
-def _events(ds: Any) -> dict[str, Any]:
+def _events(ds: Any, layers: list[int] | None) -> dict[str, Any]:
+    """Pruning events and the early warning's score in the window, over the chosen tree layers (None: all)."""
     from routescope.analysis.events import early_warnings, pruning_events
 
     table = pruning_events(ds)
-    warning = early_warnings(ds)
+    if layers is not None:
+        table = table[table["layer"].isin(layers)]
+    warning = early_warnings(ds, layers=layers)
     return {
         "died": int((table["kind"] == "died").sum()),
         "froze": int((table["kind"] == "froze").sum()),

@@ -55,6 +55,10 @@ def select_window(ds: xr.Dataset, window: Window = (None, None)) -> xr.Dataset:
     start, end = window
     steps = ds["step"].values
     if len(steps) == 0:
+        state = ds.attrs.get("run_state", "running")
+        if state in ("finished", "interrupted", "failed"):
+            raise MetricsError(f"the run ended ({state}) before its first interval was written: there is nothing to "
+                               "report; record it again")  # fmt: skip
         raise MetricsError("the run has no complete interval yet; wait for the first one to be written")
     if start is not None and end is not None and start >= end:
         raise MetricsError(f"window {start}:{end} is empty or reversed; the start must be below the end")

@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from routescope.record.distributed import ignore_accumulators
 from routescope.integrations.common import missing, token_ids
+from routescope.record.distributed import ignore_accumulators
 from routescope.record.recorder import Recorder
 
 try:

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from routescope.record.distributed import ignore_accumulators
 from routescope.integrations.common import missing, token_ids
+from routescope.record.distributed import ignore_accumulators
 from routescope.record.recorder import Recorder
 
 try:

@@ -16,6 +16,7 @@ from routescope.store.format import (
     ALL_TRACE_VARIABLES,
     COMPRESS_MIN_BYTES,
     COMPRESSION,
+    MAX_CHUNK_BYTES,
     SMALL_CHUNK_BYTES,
     row_bytes,
 )
@@ -34,6 +35,9 @@ def create_growing(
     """A dataset resizable along its first dimension, fixed elsewhere, chunked as COMPRESS_MIN_BYTES explains."""
     row = tuple(sizes[d] for d in dims[1:])
     dt = np.dtype(dtype)
+    # A chunk is allocated whole, however few rows arrive: never more than MAX_CHUNK_BYTES (a huge
+    # sample_tokens once allocated gigabytes for a handful of sampled tokens).
+    rows_per_write = max(1, min(rows_per_write, MAX_CHUNK_BYTES // row_bytes(row, dt.itemsize)))
     write_bytes = rows_per_write * row_bytes(row, dt.itemsize)
     if write_bytes >= COMPRESS_MIN_BYTES:
         rows, options = rows_per_write, COMPRESSION

@@ -15,6 +15,10 @@ import numpy as np
 from routescope.store.schema import COMMON_TRACES, FAMILIES, TREE, Variable, layer_sizes
 
 SCHEMA_VERSION = 1
+# HDF5 object formats the writer may use: those of HDF5 1.10, the first with SWMR. The h5py wheel bundles
+# a newer HDF5 (2.0), whose "latest" formats the distributions' h5dump, h5ls and ncdump (HDF5 1.10-1.14)
+# cannot read; bounded like this, every HDF5 >= 1.10 tool opens the file.
+FORMAT_BOUNDS = ("v110", "v110")
 RUN_STATES = ("running", "finished", "interrupted", "failed")
 COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 # Chunking along the growing dimension. A compressed chunk rewritten with more rows changes size and
@@ -23,6 +27,7 @@ COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 # are stored uncompressed in fixed-size chunks, which HDF5 rewrites in place.
 COMPRESS_MIN_BYTES = 4096
 SMALL_CHUNK_BYTES = 64 * 1024
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # no chunk larger: HDF5 allocates a chunk whole in memory and on disk
 READ_CHUNK_BYTES = 64 * 1024 * 1024  # dask chunks when reading: many file chunks per task
 TRUNCATION_SLACK = 1 << 20  # space HDF5 may have reserved past the last byte it wrote before a kill
 
@@ -42,6 +47,11 @@ RUN_FIXED_SCALARS: dict[str, str] = {"tokens_seen": "i8", "elapsed_s": "f8"}
 
 class RunFileError(Exception):
     """A path that is not a readable routescope run; the message says what is wrong and what to do."""
+
+
+class ForeignFileError(RunFileError):
+    """A path that holds something else than a routescope run (a folder, another format, another HDF5 file):
+    never to be overwritten by a tool that would otherwise replace a damaged run."""
 
 
 @dataclass

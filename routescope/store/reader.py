@@ -24,6 +24,7 @@ from routescope.store.format import (
     RUN_STATES,
     SCHEMA_VERSION,
     TRUNCATION_SLACK,
+    ForeignFileError,
     RunFileError,
     first_line,
     row_bytes,
@@ -40,11 +41,11 @@ def open_h5(path: str | Path) -> h5py.File:
     if not p.exists():
         raise RunFileError(f"{p}: no such file; check the path (record a run with `routescope record`)")
     if p.is_dir():
-        raise RunFileError(f"{p} is a directory; give the path of a run file (.h5)")
+        raise ForeignFileError(f"{p} is a directory; give the path of a run file (.h5)")
     if p.stat().st_size == 0:
         raise RunFileError(f"{p} is empty (0 bytes); the recording that made it never wrote: record it again")
     if not h5py.is_hdf5(p):
-        raise RunFileError(f"{p} is not an HDF5 file; give a run file written by `routescope record`")
+        raise ForeignFileError(f"{p} is not an HDF5 file; give a run file written by `routescope record`")
     try:
         f = h5py.File(p, "r")  # a run that was closed: its metadata is final
     except OSError as err:
@@ -70,7 +71,7 @@ def open_h5(path: str | Path) -> h5py.File:
 def check_layout(f: h5py.File, p: Path) -> None:
     """Refuse a file that is not a complete routescope run this version can read (one line, naming what is missing)."""
     if "schema_version" not in f.attrs:
-        raise RunFileError(f"{p} is an HDF5 file but not a routescope run (no schema_version attribute)")
+        raise ForeignFileError(f"{p} is an HDF5 file but not a routescope run (no schema_version attribute)")
     version = int(f.attrs["schema_version"])
     if version > SCHEMA_VERSION:
         raise RunFileError(
@@ -244,7 +245,20 @@ class RunFile:
             "samples": self.samples,
             "versions": {k: str(self._f.attrs[k]) for k in ("routescope_version", "torch_version") if k in self._f.attrs},
             "failure": self.failure,
+            "losses": self.losses(),
         }
+
+    def losses(self) -> dict[str, dict[str, float]]:
+        """First and last finite value of each loss the `run` group records ({"train_loss": {"first", "last"}, ...});
+        a dense baseline's whole result."""
+        run = self.dataset("run")
+        out = {}
+        for name in ("train_loss", "val_loss"):
+            values = np.asarray(run[name].values, dtype=np.float64) if name in run else np.zeros(0)
+            values = values[np.isfinite(values)]
+            if len(values):
+                out[name] = {"first": float(values[0]), "last": float(values[-1])}
+        return out
 
     def _group(self, group: str) -> h5py.Group:
         if group not in self._f:

@@ -110,7 +110,11 @@ def clear_open_flags(path: str | Path) -> bool:
     patched = bytearray(block)
     patched[FLAGS_AT] = 0
     patched[-4:] = lookup3(bytes(patched[:-4])).to_bytes(4, "little")
-    fd = os.open(p, os.O_RDWR)
+    try:
+        fd = os.open(p, os.O_RDWR)
+    except OSError as err:  # a read-only filesystem or file: nothing was written
+        raise RunFileError(f"cannot write to {p} ({err.strerror}); repair changes 5 bytes in place: copy the file "
+                           "to a writable folder and repair the copy") from None  # fmt: skip
     try:
         os.pwrite(fd, bytes(patched), 0)
         os.fsync(fd)

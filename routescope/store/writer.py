@@ -21,6 +21,7 @@ import numpy as np
 
 from routescope.store.datasets import attach_dims, attr_value, create_growing, make_coordinate
 from routescope.store.format import (
+    FORMAT_BOUNDS,
     RUN_FIXED_SCALARS,
     RUN_STATES,
     SCHEMA_VERSION,
@@ -110,7 +111,7 @@ class RunWriter:
         if resume:
             self._reopen(layers, attrs, context, resume_step, config_may_differ)
             return
-        self.file = h5py.File(self.path, "w", libver="latest", rdcc_nbytes=0)  # no chunk cache: module docstring
+        self.file = h5py.File(self.path, "w", libver=FORMAT_BOUNDS, rdcc_nbytes=0)  # no chunk cache: module docstring
         f = self.file
         f.attrs.update(
             {
@@ -145,7 +146,7 @@ class RunWriter:
             raise RunFileError(f"{p}: no such file to resume; record a new run instead")
         clear_open_flags(p)  # a killed writer left HDF5's open-for-write flags set (a clean file: no-op)
         try:
-            f = h5py.File(p, "r+", libver="latest", rdcc_nbytes=0)
+            f = h5py.File(p, "r+", libver=FORMAT_BOUNDS, rdcc_nbytes=0)
         except OSError as err:  # e.g. HDF5's own lock, held by a plain (non-SWMR) reader
             raise RunFileError(f"cannot reopen {p} to resume it ({first_line(err)}); close the programs reading it") from None
         self.file = f
