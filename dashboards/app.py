@@ -24,6 +24,8 @@ from routescope.dashboards.server_safety import guard
 from routescope.dashboards.sources import RunSource, unique_labels
 from routescope.dashboards.tree_views import METRIC_LABELS, TREE_VIEW, TreeViews
 
+# Dash 3+ draws an input box beside a slider; ours holds interval positions, not steps, so none is shown.
+NO_INPUT_BOX = {"allow_direct_input": False} if "allow_direct_input" in dcc.Slider()._prop_names else {}
 VIEWS = (TREE_VIEW, L1_VIEW, MOE_VIEW)  # one per layer family, in file order (dashboards/views.py)
 STATE_COLORS = {"running": "#2ca02c", "finished": "#555", "interrupted": "#ff7f0e", "failed": "#d62728"}
 
@@ -118,6 +120,7 @@ def create_app(paths: list[str | Path], interval_s: float = 2.0) -> Dash:
     guard(app.server)  # traversal attempts and unknown files: a plain 404
     app.board = board  # type: ignore[attr-defined]
     first = board.sources[0]
+    top, _, marks = board.slider(0, None, None)  # positions of intervals, labelled by their steps from the start
     max_layers = max((len(s.layers) for s in board.sources), default=0)
     max_trees = max((info.trees for s in board.sources for info in s.layers), default=1)
     runs = [{"label": s.label, "value": i} for i, s in enumerate(board.sources)]
@@ -143,7 +146,7 @@ def create_app(paths: list[str | Path], interval_s: float = 2.0) -> Dash:
                 style=row,
             ),  # fmt: skip
             html.Div([html.Label("step", style={"marginRight": "8px"}),
-                      html.Div(dcc.Slider(0, max(first.n_steps - 1, 0), 1, value=max(first.n_steps - 1, 0), id="step", updatemode="mouseup"),
+                      html.Div(dcc.Slider(0, top, 1, value=top, marks=marks, id="step", updatemode="mouseup", **NO_INPUT_BOX),
                                style={"flex": "1"})], style=row),  # fmt: skip
             dcc.Tabs(id="tabs", value=tabs[0].value, children=tabs),
             dcc.Interval(id="tick", interval=int(interval_s * 1000)),

@@ -61,20 +61,27 @@ def binned_note(k: int) -> str:
 # ---- 1. path usage ---------------------------------------------------------------------------------
 
 
-def path_usage(counts: np.ndarray, step: int, layer: int, log: bool = False) -> go.Figure:
-    """Leaf-visit histogram of one layer at one interval: counts (trees, leaves); the uniform level dashed."""
+def path_usage(counts: np.ndarray, step: int, layer: int, log: bool = False, tree: int | None = None) -> go.Figure:
+    """Leaf-visit histogram of one layer at one interval: counts (trees, leaves); the uniform level dashed.
+    `tree` picks one tree (drawn solid, the others faint); on a log axis empty leaves are left out."""
     counts = np.asarray(counts, dtype=float)
     trees, leaves = counts.shape
     fig = go.Figure()
     for t in range(trees):
-        fig.add_bar(x=np.arange(leaves), y=counts[t], name=f"tree {t}")
+        fig.add_bar(x=np.arange(leaves), y=counts[t], name=f"tree {t}", opacity=1.0 if tree in (None, t) else 0.25)
     uniform = counts.sum(axis=1).mean() / leaves if leaves else 0.0
-    if uniform > 0:
-        fig.add_hline(y=uniform, line_dash="dash", line_color="black", annotation_text="uniform")
     fig.update_layout(barmode="group", bargap=0.05)
     if log:
-        fig.update_yaxes(type="log")
-    return style_layout(fig, f"Path usage: layer {layer}, interval ending at step {step}", "leaf", "tokens")
+        # A log axis takes its range (and a line's position) in log10 units; a zero count has no log.
+        positive = counts[counts > 0]
+        top = float(positive.max()) if positive.size else 1.0
+        fig.update_yaxes(type="log", range=[np.log10(0.8), np.log10(top * 2)])
+    if uniform > 0:  # a line takes data units on a log axis, but its label log10 units (plotly.js #6880)
+        fig.add_hline(y=uniform, line_dash="dash", line_color="black")
+        fig.add_annotation(text="uniform", x=1, xref="paper", xanchor="right", yanchor="bottom", showarrow=False,
+                           y=np.log10(uniform) if log else uniform, yref="y")  # fmt: skip
+    which = "" if tree is None else f", tree {tree} highlighted"
+    return style_layout(fig, f"Path usage: layer {layer}{which}, interval ending at step {step}", "leaf", "tokens")
 
 
 def frame_indices(n: int, max_frames: int = 60) -> np.ndarray:
@@ -217,8 +224,8 @@ def drift_figure(
     events: pd.DataFrame | None = None,
     warnings: pd.DataFrame | None = None,
 ) -> go.Figure:
-    """μ_n over training for chosen nodes: mu (step, node); deaths/freezes (×) and early warnings (▲),
-    from DataFrames with columns step, layer, tree, node (routescope.events)."""
+    """μ_n over training for chosen nodes: mu (step, node); deaths/freezes (×, DataFrame with columns step,
+    layer, tree, node) and early warnings (▲, marked on the `child` they expect to starve)."""
     fig = go.Figure()
     bsteps, binned, k = bin_curve(np.asarray(steps), np.asarray(mu, dtype=float))
     for n in nodes:
@@ -227,9 +234,12 @@ def drift_figure(
     for frame, symbol, label in marks:
         if frame is None or frame.empty:
             continue
-        sel = frame[(frame["layer"] == layer) & (frame["tree"] == tree) & frame["node"].isin(list(nodes))]
+        # a warning is about the child expected to starve (never the root), an event about the node itself
+        node = frame["child"] if "child" in frame else frame["node"]
+        sel = frame[(frame["layer"] == layer) & (frame["tree"] == tree) & node.isin(list(nodes))]
         if sel.empty:
             continue
+        sel = sel.assign(node=node[sel.index])
         step_index = np.searchsorted(steps, sel["step"].to_numpy()).clip(0, len(steps) - 1)
         y = [mu[i, n] if np.isfinite(mu[i, n]) else 0.0 for i, n in zip(step_index, sel["node"])]
         fig.add_scatter(
@@ -261,6 +271,16 @@ def token_paths(leaves: np.ndarray, labels: Sequence[str], tree: int = 0) -> go.
 
 
 # ---- 6. compare runs -------------------------------------------------------------------------------
+
+
+def loss_figure(loss: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str) -> go.Figure:
+    """A run's losses over training: loss {"train": (steps, values), "val": ...}; NaN gaps (no measurement) skipped."""
+    fig = go.Figure()
+    for name, (steps, values) in loss.items():
+        keep = np.isfinite(values)
+        fig.add_scatter(x=np.asarray(steps)[keep], y=np.asarray(values)[keep], mode="lines+markers" if keep.sum() < 50 else "lines",
+                        name=f"{name} loss")  # fmt: skip
+    return style_layout(fig, title, "step", "loss (nats per token)")
 
 
 def compare_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], metric: str, groups: Mapping[str, str] | None = None) -> go.Figure:

@@ -61,10 +61,12 @@ def expert_load_bars(
     layer: str,
     load_cv: float,
     max_mean_load: float,
+    steps: int = 1,
 ) -> go.Figure:
     """Load of each expert in one interval, as a share of k·tokens: bars what it processed (after
     capacity drops), diamonds what the router asked of it (before); the uniform level 1/E dashed,
-    idle experts in red. `load_cv` and `max_mean_load` (routescope.metrics) go in the title."""
+    idle experts in red. `load_cv` and `max_mean_load` (routescope.analysis) go in the title, with the
+    `steps` the interval sums (its record_every)."""
     processed, selected = np.asarray(processed, dtype=float), np.asarray(selected, dtype=float)
     experts = len(processed)
     colors = [DEAD_COLOR if s == 0 else "#1f77b4" for s in selected]
@@ -76,8 +78,9 @@ def expert_load_bars(
                     hovertemplate="expert %{x}<br>selected %{y:.3f}<extra></extra>")  # fmt: skip
     fig.add_hline(y=1 / experts, line_dash="dash", line_color="black", annotation_text=f"uniform 1/{experts}")
     dead = int((selected == 0).sum())
-    title = (f"Expert load, {layer}, interval ending at step {step}: load CV {load_cv:.3f}, max/mean {max_mean_load:.2f}"
-             + (f", {dead} dead" if dead else ""))  # fmt: skip
+    span = f"the {steps} steps ending at step {step}, summed" if steps > 1 else f"step {step}"
+    title = (f"Expert load, {layer}: load CV {load_cv:.3f}, max/mean {max_mean_load:.2f}" + (f", {dead} dead" if dead else "")
+             + f"<br><sup>{span} (one step's imbalance can be larger)</sup>")  # fmt: skip
     style_layout(fig, title, "expert", "share of k·tokens")
     fig.update_xaxes(dtick=1 if experts <= 32 else None)
     return fig
@@ -96,7 +99,8 @@ def coselect_heatmap(coselect: np.ndarray, tokens: float, step: int, layer: str)
             for i in range(experts)]  # fmt: skip
     fig = go.Figure(go.Heatmap(x=np.arange(experts), y=np.arange(experts), z=z, text=text, hoverinfo="text",
                                colorscale="Viridis", colorbar=dict(title=dict(text="share of tokens"))))  # fmt: skip
-    style_layout(fig, f"Co-selection, {layer}, step {step}: tokens that chose both (diagonal blank)", "expert", "expert")
+    style_layout(fig, f"Co-selection, {layer}, step {step}<br><sup>tokens that chose both (diagonal blank)</sup>", "expert",
+                 "expert")  # fmt: skip
     fig.update_yaxes(autorange="reversed", dtick=1 if experts <= 32 else None, scaleanchor="x")
     fig.update_xaxes(dtick=1 if experts <= 32 else None)
     return fig

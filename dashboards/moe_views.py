@@ -33,7 +33,7 @@ class MoEViews(GroupViews):
         src, index, label, row = pick
         data = src.moe_interval(index, row)
         bars = FF.expert_load_bars(data["processed"], data["selected"], data["step"], label,
-                                   float(data["load_cv"]), float(data["max_mean_load"]))  # fmt: skip
+                                   float(data["load_cv"]), float(data["max_mean_load"]), src.record_every)  # fmt: skip
         return bars, FF.coselect_heatmap(data["coselect"], data["tokens"], data["step"], label)
 
     def moe_over_training(self, run: int | None, layer: int | None) -> tuple[go.Figure, go.Figure]:

@@ -9,6 +9,8 @@ incrementally as new intervals arrive, so callbacks stay fast on long runs.
 from __future__ import annotations
 
 import json
+import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -119,6 +121,12 @@ class RunSource:
     @property
     def layers(self) -> list[LayerInfo]:
         return layer_infos(self.tree) if self.tree is not None else []
+
+    @property
+    def record_every(self) -> int:
+        """Optimizer steps per interval (each row sums that many steps)."""
+        ds = self.tree if self.tree is not None else self.run
+        return int(ds.attrs.get("record_every", 1)) if ds is not None else 1
 
     @property
     def config(self) -> dict[str, Any]:
@@ -329,9 +337,9 @@ def unique_labels(paths: list[Path]) -> list[str]:
 
 
 def seed_groups(sources: list[RunSource]) -> dict[str, str]:
-    """Map each run to a group label: runs whose configurations differ only in the seed share one."""
-    groups: dict[str, str] = {}
-    keys: dict[str, str] = {}
+    """Map each run to a group label: runs whose configurations differ only in the seed share one, named
+    after what their labels have in common (a trailing seed marker such as "-s" dropped), not after one file."""
+    members: dict[str, list[str]] = {}
     for src in sources:
         config = dict(src.config)
         preset = dict(config.get("preset", {})) if isinstance(config.get("preset"), dict) else {}
@@ -339,7 +347,16 @@ def seed_groups(sources: list[RunSource]) -> dict[str, str]:
             d.pop("seed", None)
             d.pop("out", None)
         config["preset"] = preset
-        key = json.dumps(config, sort_keys=True, default=str)
-        keys.setdefault(key, src.label)
-        groups[src.label] = keys[key]
+        members.setdefault(json.dumps(config, sort_keys=True, default=str), []).append(src.label)
+    groups: dict[str, str] = {}
+    for labels in members.values():
+        name = labels[0] if len(labels) == 1 else group_name(labels)
+        groups.update({label: name for label in labels})
     return groups
+
+
+def group_name(labels: list[str]) -> str:
+    """What several run labels share: their common prefix without a trailing seed marker ("gelu-s0", "gelu-s1"
+    -> "gelu"), or all of them joined where they share nothing."""
+    prefix = re.sub(r"([-_./ ]?(seed|s))?[-_./ ]*$", "", os.path.commonprefix(labels))
+    return prefix or " / ".join(labels)

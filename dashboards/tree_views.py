@@ -26,6 +26,11 @@ METRIC_LABELS = {
     "leaf_gini": "leaf Gini",
     "leaf_entropy_norm": "leaf entropy (normalised)",
 }
+# Losses are one curve per run, dense baselines included: offered beside the metrics in Curves and Compare.
+LOSS_LABELS = {"val_loss": "validation loss", "train_loss": "training loss"}
+LOSSES = {"val_loss": "val", "train_loss": "train"}  # metric -> key of RunSource.loss()
+LABELS = {**METRIC_LABELS, **LOSS_LABELS}
+DRIFT_NODES = [1, 2]  # the drift view opens on the root's children: the first nodes that can die (the root cannot)
 
 
 class TreeViews(HostedViews):
@@ -39,18 +44,20 @@ class TreeViews(HostedViews):
     def _no_tree(self, src: RunSource) -> str:
         """Why a tree view of this run is empty: it has other families only, or nothing yet."""
         if src.tree is None and src.families:
-            return f"run {src.label} has no tree layers (see the {' and '.join(self.tab_label(f) for f in src.families)} tab)"
+            return f"{src.label} has no tree layers (see the {' and '.join(self.tab_label(f) for f in src.families)} tab)"
         return "no routed layers recorded yet"
 
     # ---- views ----
-    def paths(self, run: int | None, layer: int | None, step_index: int | None, log: bool) -> go.Figure:
+    def paths(self, run: int | None, layer: int | None, step_index: int | None, log: bool,
+              tree: int | None = None) -> go.Figure:  # fmt: skip
+        """Leaf visits of every tree of a layer at the slider's interval; `tree` (the tree dropdown) highlighted."""
         src = self.source(run)
         if src.tree is None or src.n_steps == 0:
             return self._empty(self._no_tree(src))
         layer = int(layer or 0)
         i = self._step_index(src, step_index)
         counts = src.interval(i, layer, ("leaf_visits",))["leaf_visits"]
-        return F.path_usage(counts, int(src.steps[i]), layer, log)
+        return F.path_usage(counts, int(src.steps[i]), layer, log, tree=None if tree is None else int(tree))
 
     def tree(self, run: int | None, layer: int | None, tree: int | None, step_index: int | None, color_by: str) -> go.Figure:
         src = self.source(run)
@@ -66,6 +73,12 @@ class TreeViews(HostedViews):
 
     def curves(self, run: int | None, metric: str, layers: list[int] | None) -> tuple[go.Figure, go.Figure]:
         src = self.source(run)
+        if metric in LOSSES:  # one curve per run, also for a dense baseline (no routed layers)
+            loss = {k: v for k, v in src.loss().items() if k == LOSSES[metric]}
+            if not loss:
+                return self._empty(f"{src.label} records no {metric}"), self._empty(f"{src.label} records no {metric}")
+            return (self._empty(f"{LABELS[metric]}: one curve per run, no layers (see below)"),
+                    F.loss_figure(loss, f"{LABELS[metric]}, {src.label}"))  # fmt: skip
         curves = src.curves()
         if metric not in curves or src.n_steps == 0:
             empty = self._empty(self._no_tree(src))
@@ -82,7 +95,7 @@ class TreeViews(HostedViews):
             return self._empty(self._no_tree(src))
         layer, tree = int(layer or 0), int(tree or 0)
         mu = src.mu(layer, tree)
-        chosen = [int(n) for n in (nodes or [0]) if int(n) < mu.shape[1]]
+        chosen = [int(n) for n in (nodes or DRIFT_NODES) if int(n) < mu.shape[1]]
         return F.drift_figure(src.steps, mu, chosen, layer, tree, src.events(), src.warnings())
 
     def tokens(self, run: int | None, layer: int | None, tree: int | None, leaf: int | None, text: str | None) -> tuple[list, go.Figure]:
@@ -91,6 +104,9 @@ class TreeViews(HostedViews):
         tr = src.traces
         if tr is None or tr.sizes.get("sample", 0) == 0:
             return [html.Li("no sampled traces in this run")], self._empty("no sampled traces")
+        if "leaf" not in tr:  # an L1 / MoE run: its traces have no tree paths
+            return [html.Li(f"{src.label} has no tree layers: token paths are drawn for tree layers")], self._empty(
+                f"{src.label} has no tree layers")
         layer, tree, leaf = int(layer or 0), int(tree or 0), int(leaf or 0)
         leaves = tr["leaf"][:, :, tree].values  # (sample, layer)
         contexts = tr["context_ids"].values
@@ -106,15 +122,22 @@ class TreeViews(HostedViews):
         return items, F.token_paths(leaves[picked], [texts[i] for i in picked], tree)
 
     def compare(self, metric: str, layer: int | None) -> go.Figure:
+        """One metric of one layer for every run on the same axes; a loss for every run, dense baselines too."""
         layer = int(layer or 0)
         curves = {}
         for src in self.sources:
+            if metric in LOSSES:
+                loss = src.loss().get(LOSSES[metric])
+                if loss is not None:
+                    curves[src.label] = loss
+                continue
             values = src.curves().get(metric)
             if values is not None and layer < values.shape[1]:
                 curves[src.label] = (src.steps, values[:, layer])
         if not curves:
-            return self._empty("no run has this layer")
-        return F.compare_figure(curves, f"{METRIC_LABELS.get(metric, metric)}, layer {layer}", seed_groups(self.sources))
+            return self._empty("no run records this" if metric in LOSSES else "no run has this layer")
+        where = "" if metric in LOSSES else f", layer {layer}"
+        return F.compare_figure(curves, f"{LABELS.get(metric, metric)}{where}", seed_groups(self.sources))
 
 
 def _shown(sources: list[RunSource]) -> bool:
@@ -127,7 +150,7 @@ def _tabs(board: Any, row: dict[str, str]) -> list[dcc.Tab]:
     max_layers = max((len(s.layers) for s in sources), default=0)
     max_depth = max((info.depth for s in sources for info in s.layers), default=0)
     layer_opts = [{"label": f"layer {i}", "value": i} for i in range(max_layers)]
-    metric_opts = [{"label": METRIC_LABELS[m], "value": m} for m in METRIC_LABELS]
+    metric_opts = [{"label": label, "value": m} for m, label in LABELS.items()]
     return [
         dcc.Tab(label="Path usage", value="paths", children=[
             html.Div([dcc.Checklist([{"label": "log scale", "value": "log"}, {"label": "animate over training", "value": "animate"}],
@@ -143,7 +166,7 @@ def _tabs(board: Any, row: dict[str, str]) -> list[dcc.Tab]:
                       html.Label("layers"), dcc.Dropdown(layer_opts, [o["value"] for o in layer_opts[:4]], id="curve-layers", multi=True, style={"width": "360px"})], style=row),
             graph("heatmap-graph", 320), graph("lines-graph", 420)]),
         dcc.Tab(label="Node drift", value="drift", children=[
-            html.Div([html.Label("nodes"), dcc.Dropdown([{"label": f"node {n}", "value": n} for n in range(2**max_depth - 1)], [0],
+            html.Div([html.Label("nodes"), dcc.Dropdown([{"label": f"node {n}", "value": n} for n in range(2**max_depth - 1)], DRIFT_NODES,
                                                         id="drift-nodes", multi=True, style={"width": "520px"})], style=row),
             graph("drift-graph")]),
         dcc.Tab(label="Tokens", value="tokens", children=[
@@ -162,9 +185,9 @@ def _register(app: Dash, board: TreeViews) -> list[str]:
     """Wire the tree tabs (path usage, tree, curves, drift, tokens, compare); returns their graph ids."""
 
     @app.callback(Output("paths-graph", "figure"), Input("version", "data"), Input("run", "value"), Input("layer", "value"),
-                  Input("step", "value"), Input("paths-options", "value"))  # fmt: skip
-    def _paths(_v: int, run: int, layer: int, step: int, options: list[str]) -> go.Figure:
-        return board.paths(run, layer, step, "log" in (options or []))
+                  Input("step", "value"), Input("paths-options", "value"), Input("tree", "value"))  # fmt: skip
+    def _paths(_v: int, run: int, layer: int, step: int, options: list[str], tree: int) -> go.Figure:
+        return board.paths(run, layer, step, "log" in (options or []), tree)
 
     # Animation over training: an interval moves the step slider, so each frame is an ordinary,
     # lazily read view (60 pre-built Plotly frames of a long run took ~1.5 s to build and send).

@@ -70,10 +70,10 @@ class GroupViews(HostedViews):
         src = self.source(run)
         layers = src.family_layers(family)
         if not layers:
-            return f"run {src.label} has no {family} layers"
+            return f"{src.label} has no {family} layers"
         index = int(layer or 0)
         if not 0 <= index < len(layers):
-            return f"run {src.label} has {family} layers 0..{len(layers) - 1} only"
+            return f"{src.label} has {family} layers 0..{len(layers) - 1} only"
         if src.families[family].sizes["step"] == 0:
             return f"no {family} interval recorded yet"
         return src, index, f"{family} layer {index} ({layers[index].name})"

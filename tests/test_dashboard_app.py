@@ -40,10 +40,19 @@ def test_seed_groups() -> None:
     other = _FakeSource("other", {"preset": dict(base, seed=0, lr=0.01), "device": "cpu"})
     top = _FakeSource("top", {"seed": 5, "preset": dict(base, seed=0), "device": "cpu"})
     groups = seed_groups([s0, s1, other, top])
-    assert groups["s0"] == groups["s1"] == "s0"
-    assert groups["other"] == "other"
-    assert groups["top"] == "s0"  # a top-level seed is ignored too
+    assert groups["s0"] == groups["s1"] == groups["top"]  # a top-level seed is ignored too
+    assert groups["other"] == "other"  # alone in its group: its own label
+    assert groups["s0"] == "s0 / s1 / top"  # labels with nothing in common: named after all, not the first file
     assert s1.config["preset"]["seed"] == 1 and s0.config["out"] == "/x/s0.h5"  # inputs not mutated
+
+
+def test_seed_groups_are_named_after_what_their_runs_share() -> None:
+    base = {"lr": 0.003, "steps": 30, "model": {"depth": 3}}
+    gelu = [_FakeSource(f"activation-gelu-s{i}", {"preset": dict(base, seed=i, act="gelu")}) for i in range(3)]
+    tanh = [_FakeSource(f"runs/tanh_seed{i}", {"preset": dict(base, seed=i, act="tanh")}) for i in range(2)]
+    groups = seed_groups([*gelu, *tanh])
+    assert {groups[s.label] for s in gelu} == {"activation-gelu"}
+    assert {groups[s.label] for s in tanh} == {"runs/tanh"}
 
 
 # ---- 10. the Dashboard on a real run ------------------------------------------------------------------
