@@ -38,9 +38,10 @@ DEAD_COLOR = "crimson"
 # ---- MoE ---------------------------------------------------------------------------------------------
 
 
-def expert_load_heatmap(steps: np.ndarray, share: np.ndarray, layer: str) -> go.Figure:
+def expert_load_heatmap(steps: np.ndarray, share: np.ndarray, layer: str, steps_per_interval: int = 1) -> go.Figure:
     """Tokens per expert as a share of k·tokens, (expert × step): share (step, expert); the colour
-    scale is centred on the uniform level 1/E, so idle experts and overloaded ones stand apart."""
+    scale is centred on the uniform level 1/E, so idle experts and overloaded ones stand apart. Each
+    column sums an interval's `steps_per_interval` steps (the title says so)."""
     share = np.asarray(share, dtype=float)
     experts = share.shape[1]
     bsteps, binned, k = bin_curve(np.asarray(steps), share)
@@ -49,7 +50,9 @@ def expert_load_heatmap(steps: np.ndarray, share: np.ndarray, layer: str) -> go.
                    colorbar=dict(title=dict(text="share of k·tokens")),
                    hovertemplate="step %{x}<br>expert %{y}<br>share %{z:.3f}<extra></extra>")
     )  # fmt: skip
-    style_layout(fig, f"Expert load, {layer} (uniform = 1/{experts} = {1 / experts:.3f}){binned_note(k)}", "step", "expert")
+    summed = f"<br><sup>each column sums {steps_per_interval} steps (one step's imbalance can be larger)</sup>" if steps_per_interval > 1 else ""
+    style_layout(fig, f"Expert load, {layer} (uniform = 1/{experts} = {1 / experts:.3f}){binned_note(k)}{summed}", "step",
+                 "expert")  # fmt: skip
     fig.update_yaxes(dtick=1 if experts <= 32 else None)
     return fig
 

@@ -45,7 +45,7 @@ class MoEViews(GroupViews):
         src, index, label = pick
         steps = src.families["moe"]["step"].values
         curves = {name: values[:, index] for name, values in src.family_curves("moe").items()}
-        heatmap = FF.expert_load_heatmap(steps, src.expert_share(index), label)
+        heatmap = FF.expert_load_heatmap(steps, src.expert_share(index), label, src.record_every)
         return heatmap, FF.family_curves(steps, curves, FF.MOE_PANELS, f"MoE metrics per interval, {label}")
 
 

@@ -75,6 +75,9 @@ def test_every_view_renders_slider_and_node_click(chromium, dash_duo, debug_run:
     if shot_run:
         DOCS.mkdir(exist_ok=True)
         shutil.copy(screenshot, DOCS / "dashboard.png")
+    # The slider is labelled with steps from the first render, and has no box for interval positions.
+    dash_duo.wait_for_contains_text("#step", str(int(steps[-1])))
+    assert not dash_duo.driver.find_elements("css selector", "#step input")
     # The step slider: keyboard on its handle moves one interval back.
     handle = dash_duo.wait_for_element("#step [role=slider]")
     handle.click()

@@ -99,3 +99,5 @@ def test_moe_titles_fit_and_say_the_interval_sums_steps() -> None:
     for fig in (bars, cosel):
         assert max(len(line) for line in fig.layout.title.text.replace("<sup>", "").replace("</sup>", "").split("<br>")) <= 90
     assert "10 steps ending at step 40, summed" in bars.layout.title.text
+    heatmap = FF.expert_load_heatmap(np.arange(1, 4) * 10, np.full((3, 8), 0.125), "moe layer 1", 10)
+    assert "each column sums 10 steps" in heatmap.layout.title.text
