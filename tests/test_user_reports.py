@@ -74,20 +74,28 @@ def test_sweep_out_on_a_read_only_filesystem(readonly_dir) -> None:
                    "choose a writable --out folder")
 
 
-def test_repair_on_a_read_only_filesystem(readonly_dir, tmp_path: Path) -> None:
-    """A killed run's file on a read-only disk: repair says so in one line and changes nothing."""
-    killed = tmp_path / "killed.h5"
+def killed_run(path: Path, check_live=None) -> Path:
+    """`routescope record` killed (SIGKILL) once it has flushed some intervals; `check_live(path)` runs
+    while it still writes."""
     rec = subprocess.Popen([sys.executable, "-m", "routescope.cli", "record", "--config", "debug", "--steps", "100000",
-                            "--every", "1", "--out", str(killed), "--device", "cpu"], stdout=subprocess.DEVNULL,
+                            "--every", "1", "--out", str(path), "--device", "cpu"], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         for _ in range(600):
-            if killed.exists() and killed.stat().st_size > 100_000:
+            if path.exists() and path.stat().st_size > 100_000:
                 break
             subprocess.run(["sleep", "0.1"])
+        if check_live is not None:
+            check_live(path)
     finally:
         rec.kill()
         rec.wait()
+    return path
+
+
+def test_repair_on_a_read_only_filesystem(readonly_dir, tmp_path: Path) -> None:
+    """A killed run's file on a read-only disk: repair says so in one line and changes nothing."""
+    killed = killed_run(tmp_path / "killed.h5")
     folder = readonly_dir({"killed.h5": killed})
     before = (folder / "killed.h5").read_bytes()
     one_clean_line(run_cli("repair", str(folder / "killed.h5")), "copy the file to a writable folder")
@@ -219,11 +227,23 @@ def test_the_distributions_hdf5_and_netcdf_tools_read_a_run(debug_run: Path, fam
     missing = _hdf5_tools()
     if missing:
         pytest.skip(missing)
-    for path in (debug_run, *family_runs.values()):
+    def readable_by_the_tools(path: Path) -> bool:
         for tool in (["h5dump", "-H"], ["h5ls", "-r"], ["ncdump", "-h"]):
             done = subprocess.run([*tool, str(path)], capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0 and "ERROR" not in done.stdout and "error" not in done.stderr.lower(), (tool, done.stderr)
-        assert "node_visits" in subprocess.run(["ncdump", "-h", str(debug_run)], capture_output=True, text=True).stdout
-    # SWMR reading still works: a run being written is read through routescope's SWMR reader
-    assert routescope.open(debug_run).sizes["step"] > 0
+            if done.returncode or "ERROR" in done.stdout or "error" in done.stderr.lower():
+                return False
+        return True
+
+    for path in (debug_run, *family_runs.values()):
+        assert readable_by_the_tools(path), path
+    assert "node_visits" in subprocess.run(["ncdump", "-h", str(debug_run)], capture_output=True, text=True).stdout
+
+    def live(path: Path) -> None:
+        # While written, HDF5 admits SWMR readers only (the 1.10 tools have no SWMR mode): routescope reads it.
+        assert routescope.open(path).sizes["step"] > 0
+        assert not readable_by_the_tools(path)
+
+    killed = killed_run(tmp_path / "killed.h5", check_live=live)
+    assert run_cli("repair", str(killed)).returncode == 0
+    assert readable_by_the_tools(killed)  # a killed run, once repaired, opens in every tool
 
