@@ -344,6 +344,10 @@ def dash(
         socket.getaddrinfo(host, port)
     except OSError as err:
         fail(f"cannot serve on --host {host} ({err.strerror or err}); give an address of this machine, e.g. 127.0.0.1")
+    try:  # bind once here: the server's own failures (a taken port) print several lines and exit 1
+        socket.create_server((host, port)).close()
+    except OSError as err:
+        fail(f"cannot serve on {host}:{port} ({err.strerror or first_line(err)}); pick another --port or --host")
     if not is_loopback(host):
         errors.print(f"[bold red]WARNING: serving on {host}: anyone who can reach this machine on port {port} "
                           "can read these runs (no authentication). Use --host 127.0.0.1 and an SSH tunnel instead.[/]")  # fmt: skip
@@ -352,10 +356,7 @@ def dash(
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no per-request log lines, no dev-server banner
-    try:
-        app_.run(host=host, port=port, debug=False)
-    except OSError as err:  # the port is taken, or the address is not this machine's
-        fail(f"cannot serve on {host}:{port} ({err.strerror or first_line(err)}); pick another --port or --host")
+    app_.run(host=host, port=port, debug=False)
 
 
 @app.callback(invoke_without_command=True)

@@ -166,9 +166,14 @@ def test_dense_baseline_warns_in_one_line_and_info_shows_its_losses(tmp_path: Pa
     assert pointed.returncode == 2 and f"routescope info {out}" in pointed.stderr
 
 
-def test_dash_on_a_host_that_does_not_resolve(debug_run: Path) -> None:
+def test_dash_on_a_host_that_does_not_resolve_or_a_taken_port(debug_run: Path) -> None:
+    import socket
+
     one_clean_line(run_cli("dash", str(debug_run), "--host", "nonexistent.invalid", timeout=60),
                    "cannot serve on --host nonexistent.invalid")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        one_clean_line(run_cli("dash", str(debug_run), "--port", str(port), timeout=60), f"cannot serve on 127.0.0.1:{port}")
 
 
 # ---- sweeps reuse only what they asked for ---------------------------------------------------------------
