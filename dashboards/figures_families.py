@@ -1,7 +1,7 @@
 """Figure builders for the L1-sparse and MoE families: plain functions from numbers to `go.Figure`.
 
 Like `figures`, nothing here reads files or computes metrics: the numbers come from
-`dashboards.sources`, which gets them from `routescope.metrics`. Shares are of k·tokens (MoE) or of
+`dashboards.sources`, which gets them from `routescope.analysis`. Shares are of k·tokens (MoE) or of
 tokens (L1), so the uniform level of an MoE layer is 1/E whatever its k.
 """
 
@@ -15,7 +15,7 @@ from plotly.subplots import make_subplots
 
 from routescope.dashboards.figures import TEMPLATE, bin_curve, binned_note, style_layout
 
-# Curve panels over training: (panel title, metrics of routescope.metrics_families, y-axis label).
+# Curve panels over training: (panel title, metrics of routescope.analysis.families, y-axis label).
 L1_PANELS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("active units per token", ("active_mean", "active_p50", "active_p99"), "units"),
     ("dead units", ("dead_units",), "units"),
@@ -165,7 +165,7 @@ def family_curves(
     title: str,
 ) -> go.Figure:
     """A family's metrics over training for one layer, one panel each: curves {metric: (step,)}
-    (routescope.metrics.family_timeseries, one interval per point); panels as L1_PANELS / MOE_PANELS."""
+    (routescope.analysis.family_timeseries, one interval per point); panels as L1_PANELS / MOE_PANELS."""
     fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.06,
                         subplot_titles=[p[0] for p in panels])  # fmt: skip
     note = ""

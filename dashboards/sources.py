@@ -184,7 +184,7 @@ class RunSource:
             return have
 
     def events(self) -> pd.DataFrame:
-        """Pruning events (routescope.events), recomputed only when the run has grown."""
+        """Pruning events (routescope.analysis.events), recomputed only when the run has grown."""
         with self._lock:
             if self.tree is None:
                 return pd.DataFrame(columns=["step", "layer", "tree", "node", "event"])
@@ -194,7 +194,7 @@ class RunSource:
             return self._cache.events
 
     def warnings(self) -> pd.DataFrame:
-        """Early-warning flags (routescope.events.early_warnings), recomputed only when the run has grown."""
+        """Early-warning flags (routescope.analysis.early_warnings), recomputed only when the run has grown."""
         with self._lock:
             if self.tree is None or self.n_steps < 3:
                 return pd.DataFrame(columns=["step", "layer", "tree", "node"])
@@ -240,7 +240,7 @@ class RunSource:
 
     def l1_interval(self, layer: int, row: int) -> dict[str, Any]:
         """One L1 layer at one interval: the file's bin edges for its width, the active-unit histogram,
-        and its metrics from routescope.metrics (unit_firing_rate (unit,), active_mean, ...)."""
+        and its metrics from routescope.analysis (unit_firing_rate (unit,), active_mean, ...)."""
         with self._lock:
             info = self.family_layers("l1")[layer]
             counts = self._family_counts("l1", row, layer, ("unit_fires", "active_sum", "active_hist"))
@@ -252,7 +252,7 @@ class RunSource:
 
     def moe_interval(self, layer: int, row: int) -> dict[str, Any]:
         """One MoE layer at one interval: loads as shares of k·tokens (processed, selected before drops),
-        the co-selection counts (E, E), tokens, and its metrics from routescope.metrics."""
+        the co-selection counts (E, E), tokens, and its metrics from routescope.analysis."""
         with self._lock:
             info = self.family_layers("moe")[layer]
             names = ("expert_tokens", "dropped_tokens", "coselect", "router_entropy_sum")
@@ -281,7 +281,7 @@ class RunSource:
             return have
 
     def family_curves(self, family: str) -> dict[str, np.ndarray]:
-        """Per-interval metrics of a family (routescope.metrics.family_timeseries), {metric: (step, layer)},
+        """Per-interval metrics of a family (routescope.analysis.family_timeseries), {metric: (step, layer)},
         extended incrementally as the run grows."""
         with self._lock:
             ds = self.families.get(family)

@@ -32,7 +32,7 @@ from routescope.store.writer import RunWriter
 
 
 def test_uniform_load_has_cv_zero_and_flat_bars_at_the_uniform_level() -> None:
-    """4 experts, k = 2, 100 tokens, every expert chosen 50 times: CV 0 (routescope.metrics), bars at 1/4."""
+    """4 experts, k = 2, 100 tokens, every expert chosen 50 times: CV 0 (routescope.analysis), bars at 1/4."""
     counts = {"tokens": np.float64(100), "expert_tokens": np.full(4, 50), "dropped_tokens": np.int64(0),
               "coselect": np.diag(np.full(4, 50)), "router_entropy_sum": np.float64(200)}  # fmt: skip
     values = metrics.moe_metrics_numpy(counts, 4, 2)
