@@ -17,11 +17,13 @@ import numpy as np
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 
+from routescope.analysis.calibrated import DEFAULT, Thresholds
 from routescope.dashboards import figures as F
 from routescope.dashboards.l1_views import L1_VIEW, L1Views
+from routescope.dashboards.labels import unique_labels
 from routescope.dashboards.moe_views import MOE_VIEW, MoEViews
 from routescope.dashboards.server_safety import guard
-from routescope.dashboards.sources import RunSource, unique_labels
+from routescope.dashboards.sources import RunSource
 from routescope.dashboards.tree_views import METRIC_LABELS, TREE_VIEW, TreeViews
 
 # Dash 3+ draws an input box beside a slider; ours holds interval positions, not steps, so none is shown.
@@ -34,11 +36,12 @@ class Dashboard(TreeViews, L1Views, MoEViews):
     """The state behind the app: the run sources and the callback bodies, as plain methods (testable);
     each family's views come from its mixin (tree_views.py, l1_views.py, moe_views.py)."""
 
-    def __init__(self, paths: list[str | Path]) -> None:
+    def __init__(self, paths: list[str | Path], th: Thresholds = DEFAULT) -> None:
         if not paths:
             raise ValueError("give at least one run file")
         resolved = [Path(p) for p in paths]
-        self.sources = [RunSource(p, label) for p, label in zip(resolved, unique_labels(resolved))]
+        self.th = th  # the calibrated tests' thresholds: the tree view's states, events and warnings
+        self.sources = [RunSource(p, label, th) for p, label in zip(resolved, unique_labels(resolved))]
 
     def warm(self) -> None:
         """Build the whole-run caches (metric curves, pruning events) ahead of the first callbacks."""
@@ -111,9 +114,10 @@ class Dashboard(TreeViews, L1Views, MoEViews):
         return 0 if value >= top else min(top, value + max(1, (top + 1) // frames))
 
 
-def create_app(paths: list[str | Path], interval_s: float = 2.0) -> Dash:
-    """Build the Dash app over `paths` (validated here: a bad file raises RunFileError before serving)."""
-    board = Dashboard(paths)
+def create_app(paths: list[str | Path], interval_s: float = 2.0, th: Thresholds = DEFAULT) -> Dash:
+    """Build the Dash app over `paths` (validated here: a bad file raises RunFileError before serving);
+    `th`: the calibrated tests' thresholds (analysis.Thresholds)."""
+    board = Dashboard(paths, th)
     threading.Thread(target=board.warm, name="routescope-dash-warm", daemon=True).start()
     assets = tempfile.mkdtemp(prefix="routescope-dash-assets-")  # empty: nothing of the disk is served
     app = Dash(__name__, assets_folder=assets, title="routescope", serve_locally=True, update_title=None)
@@ -198,9 +202,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(paths: list[str | Path], host: str = "127.0.0.1", port: int = 8050, interval_s: float = 2.0) -> None:
+def serve(paths: list[str | Path], host: str = "127.0.0.1", port: int = 8050, interval_s: float = 2.0,
+          th: Thresholds = DEFAULT) -> None:  # fmt: skip
     """Build the app and serve it (never in debug mode)."""
-    app = create_app(paths, interval_s)
+    app = create_app(paths, interval_s, th)
     app.run(host=host, port=port, debug=False)
 
 

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from routescope.analysis.stats import FROZEN_EPSILON, is_frozen, node_moments, right_share
+# The tree view's figures live in figures_tree.py; they are part of this module's interface too.
+from routescope.dashboards.figures_tree import (  # noqa: F401
+    FROZEN_COLOR,
+    NODE_COLORINGS,
+    OUTLINE_WIDTH,
+    TEMPLATE,
+    UNIT_STATE_COLORS,
+    state_legend,
+    tree_icicle,
+    unit_states,
+)
 
 MAX_POINTS = 2000  # curve points per trace before binning
-TEMPLATE = "plotly_white"
-NODE_COLORINGS = {
-    "visits": "tokens that reached the node",
-    "p": "split p_n (share sent right)",
-    "balance": "balance 1 − |2p_n − 1|",
-    "mu": "drift μ_n (mean pre-activation)",
-}
 
 
 def style_layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
@@ -114,72 +118,6 @@ def path_usage_animation(steps: np.ndarray, counts: np.ndarray, layer: int, log:
     return base
 
 
-# ---- 2. the tree ------------------------------------------------------------------------------------
-
-
-def node_states(visits: np.ndarray, right: np.ndarray, epsilon: float = FROZEN_EPSILON) -> np.ndarray:
-    """Per decision node: "dead" (no visits), "frozen" (the metrics' test: visited, min(p_n, 1 − p_n) < ε)
-    or "" (alive)."""
-    visits = np.asarray(visits, dtype=float)
-    states = np.full(visits.shape, "", dtype=object)
-    states[is_frozen(visits, right, epsilon)] = "frozen"
-    states[visits == 0] = "dead"
-    return states
-
-
-def tree_icicle(
-    node_visits: np.ndarray,
-    node_right: np.ndarray,
-    node_act_sum: np.ndarray,
-    leaf_visits: np.ndarray,
-    color_by: str = "visits",
-    title: str = "",
-    epsilon: float = FROZEN_EPSILON,
-) -> go.Figure:
-    """One tree as an icicle, root on top; every node gets equal width (the structure), colour shows
-    `color_by` (see NODE_COLORINGS); dead and frozen nodes are labelled and outlined; leaves are
-    coloured by their visits. Node ids in clickData are the heap indices as strings ("n5", "leaf3")."""
-    nv, nr = np.asarray(node_visits, dtype=float), np.asarray(node_right, dtype=float)
-    leaves = len(leaf_visits)
-    nodes = leaves - 1
-    depth = int(np.log2(leaves)) if leaves else 0
-    p = right_share(nv, nr)
-    mu, _ = node_moments(nv, node_act_sum)
-    metric = {"visits": nv, "p": p, "balance": 1 - np.abs(2 * p - 1), "mu": mu}[color_by]
-    states = node_states(nv, nr, epsilon)
-    ids, parents, values, colors, labels, hover, lines = [], [], [], [], [], [], []
-    for n in range(nodes):
-        level = int(np.floor(np.log2(n + 1)))
-        ids.append(f"n{n}")
-        parents.append("" if n == 0 else f"n{(n - 1) // 2}")
-        values.append(2 ** (depth - level))
-        colors.append(metric[n])
-        labels.append(f"{n}" + (f" {states[n]}" if states[n] else ""))
-        hover.append(f"node {n}, depth {level}<br>visits {nv[n]:.0f}<br>p_n {p[n]:.3f}<br>μ_n {mu[n]:.3f}<br>{states[n] or 'alive'}")
-        lines.append("crimson" if states[n] == "dead" else "royalblue" if states[n] == "frozen" else "white")
-    lv = np.asarray(leaf_visits, dtype=float)
-    for j in range(leaves):
-        parent = (nodes + j - 1) // 2 if nodes else None
-        ids.append(f"leaf{j}")
-        parents.append(f"n{parent}" if parent is not None else "")
-        values.append(1)
-        colors.append(lv[j] if color_by == "visits" else np.nan)
-        dead = lv[j] == 0
-        labels.append(f"leaf {j}" + (" dead" if dead else ""))
-        hover.append(f"leaf {j}<br>visits {lv[j]:.0f}" + ("<br>dead" if dead else ""))
-        lines.append("crimson" if dead else "white")
-    fig = go.Figure(
-        go.Icicle(
-            ids=ids, labels=labels, parents=parents, values=values, branchvalues="total", text=labels, textinfo="label",
-            hovertext=hover, hoverinfo="text", tiling=dict(orientation="v"), sort=False,
-            marker=dict(colors=colors, colorscale="Viridis", showscale=True, line=dict(color=lines, width=2),
-                        colorbar=dict(title=dict(text=color_by))),
-        )
-    )  # fmt: skip
-    fig.update_layout(template=TEMPLATE, title=title or f"Tree coloured by {NODE_COLORINGS[color_by]}", margin=dict(l=10, r=10, t=60, b=10))
-    return fig
-
-
 # ---- 3. curves over training ----------------------------------------------------------------------
 
 
@@ -214,6 +152,17 @@ def metric_lines(
 
 # ---- 4. node drift ----------------------------------------------------------------------------------
 
+EVENT_COLOR, PENDING_COLOR, WARNING_COLOR = "crimson", "#f1a3b0", "orange"
+WARNING_NAMES = {"predictor": "early warning (predictor)", "trivial rule": "early warning (trivial rule)"}
+
+
+def _event_text(row: Any) -> str:
+    """Hover text of one pruning event: 'node 5: died (pruned_root, right), pending (...)'."""
+    detail = [str(v) for v in (getattr(row, "role", None), getattr(row, "side", None)) if isinstance(v, str) and v]
+    status = getattr(row, "status", "event")
+    pending = ", pending (not yet persisted K windows)" if status == "pending" else ""
+    return f"node {row.node}: {getattr(row, 'kind', 'event')}" + (f" ({', '.join(detail)})" if detail else "") + pending
+
 
 def drift_figure(
     steps: np.ndarray,
@@ -222,16 +171,28 @@ def drift_figure(
     layer: int,
     tree: int,
     events: pd.DataFrame | None = None,
-    warnings: pd.DataFrame | None = None,
+    warnings: Any = None,
 ) -> go.Figure:
-    """μ_n over training for chosen nodes: mu (step, node); deaths/freezes (×, DataFrame with columns step,
-    layer, tree, node) and early warnings (▲, marked on the `child` they expect to starve)."""
+    """μ_n over training for chosen nodes: mu (step, node). Marks pruning events (analysis.pruning_events:
+    columns step, layer, tree, node, kind, status) as ×, pending ones hollow and lighter; and early warnings
+    (▲, on the `child` they expect to starve). `warnings` is a WarningReport (analysis.early_warnings): its
+    flags are labelled by whose they are (`source`) and its `verdict` is in the title and the hover; a bare
+    DataFrame of flags is drawn as "early warning"."""
     fig = go.Figure()
     bsteps, binned, k = bin_curve(np.asarray(steps), np.asarray(mu, dtype=float))
     for n in nodes:
         fig.add_scatter(x=bsteps, y=binned[:, n], mode="lines", name=f"node {n}")
-    marks = [(events, "x", "died/froze"), (warnings, "triangle-up", "early warning")]
-    for frame, symbol, label in marks:
+    if warnings is None or isinstance(warnings, pd.DataFrame):  # bare flags (a DataFrame has `.flags` of its own)
+        flags, source, verdict = warnings, None, None
+    else:
+        flags, source, verdict = warnings.flags, warnings.source, warnings.verdict
+    marks: list[tuple[pd.DataFrame | None, str, str, str]] = []
+    if events is not None and not events.empty:
+        pending = events["status"] == "pending" if "status" in events else pd.Series(False, index=events.index)
+        marks += [(events[~pending], "x", EVENT_COLOR, "died/froze"),
+                  (events[pending], "x-open", PENDING_COLOR, "died/froze, pending")]  # fmt: skip
+    marks.append((flags, "triangle-up", WARNING_COLOR, WARNING_NAMES.get(source or "", "early warning")))
+    for frame, symbol, color, label in marks:
         if frame is None or frame.empty:
             continue
         # a warning is about the child expected to starve (never the root), an event about the node itself
@@ -239,15 +200,20 @@ def drift_figure(
         sel = frame[(frame["layer"] == layer) & (frame["tree"] == tree) & node.isin(list(nodes))]
         if sel.empty:
             continue
-        sel = sel.assign(node=node[sel.index])
+        sel = sel.assign(parent=sel["node"], node=node[sel.index])
         step_index = np.searchsorted(steps, sel["step"].to_numpy()).clip(0, len(steps) - 1)
         y = [mu[i, n] if np.isfinite(mu[i, n]) else 0.0 for i, n in zip(step_index, sel["node"])]
-        fig.add_scatter(
-            x=sel["step"], y=y, mode="markers", name=label, marker=dict(symbol=symbol, size=11, color="crimson" if symbol == "x" else "orange"),
-            text=[f"node {n}: {k}" for n, k in zip(sel["node"], sel["kind"] if "kind" in sel else [label] * len(sel))], hoverinfo="text+x",
-        )  # fmt: skip
+        if "child" in frame:
+            text = [f"node {c}: {label}, from node {p}'s split" + (f"<br>{verdict}" if verdict else "") for c, p in zip(sel["node"], sel["parent"])]
+        else:
+            text = [_event_text(row) for row in sel.itertuples()]
+        fig.add_scatter(x=sel["step"], y=y, mode="markers", name=label, text=text, hoverinfo="text+x",
+                        marker=dict(symbol=symbol, size=11, color=color, line=dict(width=2, color=color)))  # fmt: skip
     fig.add_hline(y=0, line_color="gray", line_width=1)
-    return style_layout(fig, f"Node drift μ_n, layer {layer} tree {tree}{binned_note(k)}", "step", "μ_n (mean pre-activation)")
+    title = f"Node drift μ_n, layer {layer} tree {tree}{binned_note(k)}"
+    if verdict:
+        title += f"<br><sup>early warning: {verdict}</sup>"
+    return style_layout(fig, title, "step", "μ_n (mean pre-activation)")
 
 
 # ---- 5. tokens ----------------------------------------------------------------------------------------

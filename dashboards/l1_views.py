@@ -36,13 +36,14 @@ class L1Views(GroupViews):
         return hist, FF.unit_firing_rates(data["unit_firing_rate"], data["step"], label)
 
     def l1_over_training(self, run: int | None, layer: int | None) -> go.Figure:
-        """Mean / p50 / p99 active units, dead units and active fraction of one L1 layer per interval."""
+        """Mean / p50 / p99 active units, dead units and active fraction of one L1 layer over rolling K-interval windows."""
         pick = self._family_pick("l1", run, layer)
         if isinstance(pick, str):
             return self._empty(pick)
         src, index, label = pick
         curves = {name: values[:, index] for name, values in src.family_curves("l1").items()}
-        return FF.family_curves(src.families["l1"]["step"].values, curves, FF.L1_PANELS, f"L1 metrics per interval, {label}")
+        title = f"L1 metrics over rolling windows of {src.th.persistence} intervals, {label}"
+        return FF.family_curves(src.families["l1"]["step"].values, curves, FF.L1_PANELS, title)
 
 
 def _tabs(board: Any, row: dict[str, str]) -> list[dcc.Tab]:

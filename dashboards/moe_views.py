@@ -38,7 +38,7 @@ class MoEViews(GroupViews):
 
     def moe_over_training(self, run: int | None, layer: int | None) -> tuple[go.Figure, go.Figure]:
         """Expert load as an (expert × step) heatmap, and load CV, max/mean, dead experts, router entropy
-        and drop fraction of one MoE layer per interval."""
+        and drop fraction of one MoE layer over rolling K-interval windows."""
         pick = self._family_pick("moe", run, layer)
         if isinstance(pick, str):
             return self._empty(pick), self._empty(pick)
@@ -46,7 +46,8 @@ class MoEViews(GroupViews):
         steps = src.families["moe"]["step"].values
         curves = {name: values[:, index] for name, values in src.family_curves("moe").items()}
         heatmap = FF.expert_load_heatmap(steps, src.expert_share(index), label, src.record_every)
-        return heatmap, FF.family_curves(steps, curves, FF.MOE_PANELS, f"MoE metrics per interval, {label}")
+        title = f"MoE metrics over rolling windows of {src.th.persistence} intervals, {label}"
+        return heatmap, FF.family_curves(steps, curves, FF.MOE_PANELS, title)
 
 
 def _tabs(board: Any, row: dict[str, str]) -> list[dcc.Tab]:

@@ -9,8 +9,6 @@ incrementally as new intervals arrive, so callbacks stay fast on long runs.
 from __future__ import annotations
 
 import json
-import os
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +19,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from routescope.analysis import events as rs_events
+from routescope.analysis import WarningReport, early_warnings, pruning_events
+from routescope.analysis.calibrated import DEFAULT, Thresholds
+from routescope.analysis.events import EVENT_COLUMNS
 from routescope.analysis.families import FamilyLayer, family_layers, l1_metrics_numpy, moe_metrics_numpy
 from routescope.analysis.family import FAMILY_ANALYSES
 from routescope.analysis.stats import node_moments
@@ -32,6 +32,8 @@ from routescope.store.schema import layer_sizes
 FAMILY_GROUPS = tuple(name for name in FAMILY_ANALYSES if name != "tree")  # drawn by family_views
 FAMILY_BLOCK = 256  # intervals per family_timeseries call when the curves catch up
 WHOLE_RUN_EVERY_S = 30.0  # a live run's pruning events / warnings are refreshed at most this often
+SUM_BLOCK_BYTES = 64 * 1024 * 1024  # rows of one variable read at once when summing a window
+SUMS_KEPT = 16  # window sums cached per file (the tree view asks for the same windows again and again)
 
 
 @dataclass
@@ -45,17 +47,19 @@ class _Cache:
     events_steps: int = -1
     family_curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # family -> metric -> (step, layer)
     expert_share: dict[int, np.ndarray] = field(default_factory=dict)  # moe layer -> (step, expert)
-    warnings: pd.DataFrame | None = None
+    warnings: WarningReport | None = None  # the whole report: flags, whose they are, verdict
     warnings_steps: int = -1
+    sums: dict[tuple[int, int, int, tuple[str, ...]], dict[str, np.ndarray]] = field(default_factory=dict)
     whole_run_at: dict[str, float] = field(default_factory=dict)  # when events/warnings were last computed
 
 
 class RunSource:
     """One run file: its groups as lazy xarray Datasets, its state, and cached curves."""
 
-    def __init__(self, path: str | Path, label: str) -> None:
+    def __init__(self, path: str | Path, label: str, th: Thresholds = DEFAULT) -> None:
         self.path = Path(path)
         self.label = label
+        self.th = th  # the calibrated tests' thresholds (events, warnings, the tree view's states)
         self._lock = threading.RLock()  # Dash may run callbacks in threads
         self._file: RunFile | None = None
         self._signature: tuple[float, int] | None = None
@@ -154,14 +158,60 @@ class RunSource:
                 out[name] = self._rows(name, index, layer, slice(0, info.trees), width)
             return out
 
+    def window_sums(self, layer: int, start: int, stop: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Variables of one layer summed over the intervals at positions start..stop − 1, {name: (tree, ...)},
+        plus `tokens`: the tokens that entered every tree in them. Cached; a window near a cached one (the last
+        quarter of a growing run, the slider's K intervals moved by one) is that sum plus and minus the rows
+        in which they differ, so following a live run reads only its new rows."""
+        with self._lock:
+            start, stop, _ = slice(start, stop).indices(self.n_steps)
+            stop = max(start, stop)
+            key = (layer, start, stop, tuple(names))
+            if key in self._cache.sums:
+                return self._cache.sums[key]
+            near = [k for k in self._cache.sums if k[0] == layer and k[3] == key[3]]
+            base = min(near, key=lambda k: abs(k[1] - start) + abs(k[2] - stop), default=None)
+            if base is not None and abs(base[1] - start) + abs(base[2] - stop) < stop - start:
+                out = dict(self._cache.sums[base])
+                for lo, hi, sign in ((base[2], stop, 1), (stop, base[2], -1), (base[1], start, -1), (start, base[1], 1)):
+                    if lo < hi:
+                        part = self._sum_rows(layer, lo, hi, names)
+                        out = {name: out[name] + sign * part[name] for name in out}
+            else:
+                out = self._sum_rows(layer, start, stop, names)
+            if len(self._cache.sums) >= SUMS_KEPT:
+                self._cache.sums.pop(next(iter(self._cache.sums)))
+            self._cache.sums[key] = out
+            return out
+
+    def _sum_rows(self, layer: int, start: int, stop: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """window_sums without the cache: rows start..stop − 1 read in blocks of about SUM_BLOCK_BYTES."""
+        info = self.layers[layer]
+        out: dict[str, np.ndarray] = {}
+        for name in names:
+            width = 2**info.depth - 1 if name.startswith("node_") else 2**info.depth
+            rows = max(1, SUM_BLOCK_BYTES // (8 * info.trees * max(width, 1)))
+            total = np.zeros((info.trees, width), dtype=self._file.read("tree", name, slice(0, 0)).dtype)
+            for lo in range(start, stop, rows):
+                total = total + self._rows(name, slice(lo, min(lo + rows, stop)), layer, slice(0, info.trees), width).sum(0)
+            out[name] = total
+        out["tokens"] = np.asarray(self._file.read("tree", "tokens", slice(start, stop)).sum())
+        return out
+
     # ---- cached curves ----
     def curves(self) -> dict[str, np.ndarray]:
-        """Per-interval metrics (report key names) as {metric: (step, layer)}, extended incrementally."""
+        """Metrics over the rolling window of K intervals ending at each interval (report key names) as
+        {metric: (step, layer)}, extended incrementally."""
         with self._lock:
             cache, n = self._cache, self.n_steps
             if self.tree is None or n == cache.steps:
                 return cache.curves
-            new = FAMILY_ANALYSES["tree"].timeseries(self.tree.isel(step=slice(cache.steps, n)), rolling=1)
+            # rolling windows of K intervals (the v2 tests need the tokens of several intervals); the K − 1
+            # rows before the new ones are read again so that the first new window is whole
+            k = self.th.persistence
+            lo = max(0, cache.steps - (k - 1))
+            ts = FAMILY_ANALYSES["tree"].timeseries(self.tree.isel(step=slice(lo, n)), rolling=k, th=self.th)
+            new = ts.isel(step=slice(cache.steps - lo, None))
             for name in FAMILY_ANALYSES["tree"].keys:
                 block = new[name].values
                 cache.curves[name] = block if name not in cache.curves else np.concatenate([cache.curves[name], block])
@@ -184,22 +234,24 @@ class RunSource:
             return have
 
     def events(self) -> pd.DataFrame:
-        """Pruning events (routescope.analysis.events), recomputed only when the run has grown."""
+        """Pruning events (routescope.analysis.pruning_events: kind, status "event" / "pending", step, layer, tree,
+        node, ...), recomputed only when the run has grown."""
         with self._lock:
-            if self.tree is None:
-                return pd.DataFrame(columns=["step", "layer", "tree", "node", "event"])
+            if self.tree is None or self.n_steps == 0:
+                return pd.DataFrame(columns=EVENT_COLUMNS)
             if self._cache.events_steps != self.n_steps and self._due("events"):
-                self._cache.events = rs_events.pruning_events(self.tree)
+                self._cache.events = pruning_events(self.tree, self.th)
                 self._cache.events_steps = self.n_steps
             return self._cache.events
 
-    def warnings(self) -> pd.DataFrame:
-        """Early-warning flags (routescope.analysis.early_warnings), recomputed only when the run has grown."""
+    def warnings(self) -> WarningReport | None:
+        """The early-warning report (routescope.analysis.early_warnings: the flags shown, whose they are
+        (`source`) and the one-line `verdict`), recomputed only when the run has grown; None before 3 intervals."""
         with self._lock:
             if self.tree is None or self.n_steps < 3:
-                return pd.DataFrame(columns=["step", "layer", "tree", "node"])
+                return None
             if self._cache.warnings_steps != self.n_steps and self._due("warnings"):
-                self._cache.warnings = rs_events.early_warnings(self.tree).flags
+                self._cache.warnings = early_warnings(self.tree, th=self.th)
                 self._cache.warnings_steps = self.n_steps
             return self._cache.warnings
 
@@ -289,10 +341,14 @@ class RunSource:
                 return {}
             have = self._cache.family_curves.setdefault(family, {})
             done, n = len(next(iter(have.values()), ())), ds.sizes["step"]
-            # rolling=1: each interval on its own, so new rows need only new rows; blocks of
-            # FAMILY_BLOCK rows bound the memory (an MoE co-selection row is E² counts per layer)
+            # rolling windows of K intervals, as the tree's curves: each block re-reads the K − 1 rows before it;
+            # blocks of FAMILY_BLOCK rows bound the memory (an MoE co-selection row is E² counts per layer)
+            k = self.th.persistence
             for start in range(done, n, FAMILY_BLOCK):
-                new = FAMILY_ANALYSES[family].timeseries(ds.isel(step=slice(start, min(start + FAMILY_BLOCK, n))), rolling=1)
+                lo = max(0, start - (k - 1))
+                ts = FAMILY_ANALYSES[family].timeseries(ds.isel(step=slice(lo, min(start + FAMILY_BLOCK, n))), rolling=k,
+                                                        th=self.th)  # fmt: skip
+                new = ts.isel(step=slice(start - lo, None))
                 for name in new.data_vars:
                     block = new[name].values
                     have[name] = block if name not in have else np.concatenate([have[name], block])
@@ -324,39 +380,3 @@ def open_groups(path: Path) -> tuple[RunFile, xr.Dataset | None, xr.Dataset | No
         run_file.close()
         raise
     return run_file, tree, run, traces, families
-
-
-def unique_labels(paths: list[Path]) -> list[str]:
-    """Short labels for files: the stem, with parent folders added until the labels differ."""
-    parts = [p.resolve().parts for p in paths]
-    for k in range(1, max(len(p) for p in parts) + 1):
-        labels = ["/".join(p[-k:]).removesuffix(".h5") for p in parts]
-        if len(set(labels)) == len(labels):
-            return labels
-    return [str(p) for p in paths]
-
-
-def seed_groups(sources: list[RunSource]) -> dict[str, str]:
-    """Map each run to a group label: runs whose configurations differ only in the seed share one, named
-    after what their labels have in common (a trailing seed marker such as "-s" dropped), not after one file."""
-    members: dict[str, list[str]] = {}
-    for src in sources:
-        config = dict(src.config)
-        preset = dict(config.get("preset", {})) if isinstance(config.get("preset"), dict) else {}
-        for d in (config, preset):
-            d.pop("seed", None)
-            d.pop("out", None)
-        config["preset"] = preset
-        members.setdefault(json.dumps(config, sort_keys=True, default=str), []).append(src.label)
-    groups: dict[str, str] = {}
-    for labels in members.values():
-        name = labels[0] if len(labels) == 1 else group_name(labels)
-        groups.update({label: name for label in labels})
-    return groups
-
-
-def group_name(labels: list[str]) -> str:
-    """What several run labels share: their common prefix without a trailing seed marker ("gelu-s0", "gelu-s1"
-    -> "gelu"), or all of them joined where they share nothing."""
-    prefix = re.sub(r"([-_./ ]?(seed|s))?[-_./ ]*$", "", os.path.commonprefix(labels))
-    return prefix or " / ".join(labels)

@@ -10,8 +10,10 @@ import numpy as np
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dcc, html, no_update
 
+from routescope.analysis.window import LAST_QUARTER, in_window
 from routescope.dashboards import figures as F
-from routescope.dashboards.sources import RunSource, seed_groups
+from routescope.dashboards.labels import seed_groups
+from routescope.dashboards.sources import RunSource
 from routescope.dashboards.views import FamilyView, HostedViews, graph
 
 METRIC_LABELS = {
@@ -31,6 +33,10 @@ LOSS_LABELS = {"val_loss": "validation loss", "train_loss": "training loss"}
 LOSSES = {"val_loss": "val", "train_loss": "train"}  # metric -> key of RunSource.loss()
 LABELS = {**METRIC_LABELS, **LOSS_LABELS}
 DRIFT_NODES = [1, 2]  # the drift view opens on the root's children: the first nodes that can die (the root cannot)
+# The tree view sums its counts over a window: by default the last quarter of the run (as `report` and
+# `info`), or the whole run, or the K rolling intervals up to the step slider (the windows events use).
+WHOLE_RUN, AT_STEP = "all", "step"
+TREE_NAMES = ("node_visits", "node_right", "node_act_sum", "leaf_visits")
 
 
 class TreeViews(HostedViews):
@@ -59,16 +65,37 @@ class TreeViews(HostedViews):
         counts = src.interval(i, layer, ("leaf_visits",))["leaf_visits"]
         return F.path_usage(counts, int(src.steps[i]), layer, log, tree=None if tree is None else int(tree))
 
-    def tree(self, run: int | None, layer: int | None, tree: int | None, step_index: int | None, color_by: str) -> go.Figure:
+    def tree_window(self, src: RunSource, window: str | None, step_index: int | None) -> tuple[int, int, str]:
+        """Interval positions [start, stop) of the tree view's window and how titles say it: "steps 230–300
+        (the last quarter: 8 of 30 intervals)". `window`: LAST_QUARTER (default), WHOLE_RUN or AT_STEP (the
+        K = persistence intervals up to the slider's, fewer at the start)."""
+        steps, n = src.steps, src.n_steps
+        if window == AT_STEP:
+            stop = self._step_index(src, step_index) + 1
+            start = max(0, stop - src.th.persistence)
+            how = f"the {stop - start} interval{'s' if stop - start != 1 else ''} up to the step slider"
+        elif window == WHOLE_RUN:
+            start, stop, how = 0, n, f"the whole run: {n} of {n} intervals"
+        else:
+            start, stop = int(np.argmax(in_window(steps, LAST_QUARTER))), n
+            how = f"the last quarter: {n - start} of {n} intervals"
+        first, last = int(steps[start]), int(steps[stop - 1])
+        return start, stop, f"{f'steps {first}–{last}' if first != last else f'step {last}'} ({how})"
+
+    def tree(self, run: int | None, layer: int | None, tree: int | None, step_index: int | None, color_by: str | None,
+             window: str | None = LAST_QUARTER) -> go.Figure:  # fmt: skip
+        """One tree's counts summed over the window (tree_window), its units in their calibrated states."""
         src = self.source(run)
         if src.tree is None or src.n_steps == 0:
             return self._empty(self._no_tree(src))
         layer, tree = int(layer or 0), int(tree or 0)
-        i = self._step_index(src, step_index)
-        data = src.interval(i, layer, ("node_visits", "node_right", "node_act_sum", "leaf_visits"))
+        color_by = color_by or next(iter(F.NODE_COLORINGS))
+        start, stop, phrase = self.tree_window(src, window, step_index)
+        data = src.window_sums(layer, start, stop, TREE_NAMES)
         return F.tree_icicle(
             data["node_visits"][tree], data["node_right"][tree], data["node_act_sum"][tree], data["leaf_visits"][tree],
-            color_by=color_by or "visits", title=f"Layer {layer}, tree {tree}, step {int(src.steps[i])}: {F.NODE_COLORINGS[color_by or 'visits']}",
+            color_by=color_by, title=f"Layer {layer}, tree {tree}, {phrase}: {F.NODE_COLORINGS[color_by]}",
+            tokens=float(data["tokens"]), th=src.th,
         )  # fmt: skip
 
     def curves(self, run: int | None, metric: str, layers: list[int] | None) -> tuple[go.Figure, go.Figure]:
@@ -151,6 +178,8 @@ def _tabs(board: Any, row: dict[str, str]) -> list[dcc.Tab]:
     max_depth = max((info.depth for s in sources for info in s.layers), default=0)
     layer_opts = [{"label": f"layer {i}", "value": i} for i in range(max_layers)]
     metric_opts = [{"label": label, "value": m} for m, label in LABELS.items()]
+    window_opts = [{"label": "last quarter", "value": LAST_QUARTER}, {"label": "whole run", "value": WHOLE_RUN},
+                   {"label": f"{board.th.persistence} intervals up to the step slider", "value": AT_STEP}]  # fmt: skip
     return [
         dcc.Tab(label="Path usage", value="paths", children=[
             html.Div([dcc.Checklist([{"label": "log scale", "value": "log"}, {"label": "animate over training", "value": "animate"}],
@@ -158,7 +187,9 @@ def _tabs(board: Any, row: dict[str, str]) -> list[dcc.Tab]:
             graph("paths-graph")]),
         dcc.Tab(label="Tree", value="tree", children=[
             html.Div([html.Label("colour by"), dcc.Dropdown([{"label": v, "value": k} for k, v in F.NODE_COLORINGS.items()],
-                                                             "visits", id="color-by", clearable=False, style={"width": "320px"}),
+                                                             next(iter(F.NODE_COLORINGS)), id="color-by", clearable=False,
+                                                             style={"width": "360px"}),
+                      html.Label("window"), dcc.RadioItems(window_opts, LAST_QUARTER, id="tree-window", inline=True),
                       html.Span("click a node to follow its drift", style={"color": "#777"})], style=row),
             graph("tree-graph", 560)]),
         dcc.Tab(label="Curves", value="curves", children=[
@@ -201,9 +232,9 @@ def _register(app: Dash, board: TreeViews) -> list[str]:
         return board.advance(value, top)
 
     @app.callback(Output("tree-graph", "figure"), Input("version", "data"), Input("run", "value"), Input("layer", "value"),
-                  Input("tree", "value"), Input("step", "value"), Input("color-by", "value"))  # fmt: skip
-    def _tree(_v: int, run: int, layer: int, tree: int, step: int, color_by: str) -> go.Figure:
-        return board.tree(run, layer, tree, step, color_by)
+                  Input("tree", "value"), Input("step", "value"), Input("color-by", "value"), Input("tree-window", "value"))  # fmt: skip
+    def _tree(_v: int, run: int, layer: int, tree: int, step: int, color_by: str, window: str) -> go.Figure:
+        return board.tree(run, layer, tree, step, color_by, window)
 
     @app.callback(Output("heatmap-graph", "figure"), Output("lines-graph", "figure"), Input("version", "data"),
                   Input("run", "value"), Input("metric", "value"), Input("curve-layers", "value"))  # fmt: skip

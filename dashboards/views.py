@@ -17,7 +17,8 @@ from dash import Dash, Input, Output, dcc, html
 from routescope.analysis.family import FAMILY_ANALYSES
 from routescope.dashboards import figures_families as FF
 from routescope.dashboards.figures import compare_figure
-from routescope.dashboards.sources import RunSource, seed_groups
+from routescope.dashboards.labels import seed_groups
+from routescope.dashboards.sources import RunSource
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from routescope.info_text import human_size
 from routescope.store.format import RunFileError, first_line
 
 app = typer.Typer(
@@ -36,14 +37,6 @@ def fail(message: str) -> None:
     """Print one line saying what is wrong and what to do, then exit with code 2."""
     errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
-
-
-def _human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
@@ -130,7 +123,7 @@ def record(
         f"val loss {result.initial_val_loss:.3f} → {result.final_val_loss:.3f} in {result.seconds:.0f} s "
         f"({result.tokens_per_second / 1000:.1f}k tokens/s)"
     )
-    console.print(f"wrote [bold]{out}[/] ({_human_size(size)})")
+    console.print(f"wrote [bold]{out}[/] ({human_size(size)})")
     console.print(f"next: [cyan]routescope info {out}[/]")
 
 
@@ -209,85 +202,71 @@ def sweep(
 def info(
     path: Annotated[Path, typer.Argument(help="Run file (.h5).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    window: Annotated[Optional[str], typer.Option(help="Steps START:END or 'all' for the routing line. Default: the last "
+                                                      "quarter of the run.")] = None,
 ) -> None:
-    """Print what a run file holds: steps, layers of each family (tree, l1, moe), state and configuration."""
+    """Print what a run file holds: steps, layers of each family (tree, l1, moe), state and configuration, and
+    one line of routing states over the last quarter of the run (`report` has every metric)."""
+    from routescope.analysis.report import routing_summary
+    from routescope.analysis.window import MetricsError
+    from routescope.info_text import print_info
     from routescope.store import describe
 
     try:
         summary = describe(path)
-    except RunFileError as err:
+        if summary.get("families") and summary["intervals"]:
+            summary["routing"] = routing_summary(path, window)
+    except (RunFileError, MetricsError) as err:
         fail(str(err))
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    console.print(f"[bold]{summary['path']}[/] ({_human_size(summary['size_bytes'])}, schema {summary['schema_version']}, "
-                  f"{summary['run_state']})")  # fmt: skip
-    steps = (f"{summary['intervals']} intervals, steps {summary['first_step']}–{summary['last_step']}"
-             if summary["intervals"] else "no complete interval yet")  # fmt: skip
-    console.print(f"{steps}; {summary['tokens']:,} tokens; {summary['samples']:,} sampled token traces")
-    if summary.get("failure"):
-        console.print(f"[red]stopped[/]: {summary['failure']}", highlight=False)
-    if summary.get("losses"):
-        console.print("loss: " + ", ".join(f"{name.removesuffix('_loss')} {v['first']:.3f} → {v['last']:.3f}"
-                                           for name, v in summary["losses"].items()))  # fmt: skip
-    if summary.get("families"):
-        groups = ", ".join(f"{name} ({n} layer{'s' if n != 1 else ''})" for name, n in summary["families"].items())
-        console.print(f"groups: {groups} (routescope.open(path, group=NAME))")
-    if summary["layers"]:
-        for table in _layer_tables(summary["layers"]):
-            console.print(table)
-    else:
-        console.print("no routed layers recorded (losses only)")
-    preset = summary["config"].get("preset")
-    if preset:
-        console.print(f"config: {preset.get('description') or ''} steps={preset['steps']} batch={preset['batch_size']} "
-                      f"lr={preset['lr']} seed={preset['seed']} device={summary['config'].get('device')}")  # fmt: skip
-    console.print(f"versions: {', '.join(f'{k}={v}' for k, v in summary['versions'].items())}")
-
-
-def _layer_tables(layers: list[dict]) -> list[Table]:
-    """One table per layer family in the file (group `tree`, `l1`, `moe`), tree first; "layer" is the
-    index in the family's group, the columns are the family's `info_columns`."""
-    from routescope.analysis.family import FAMILY_ANALYSES
-
-    tables = []
-    for family in FAMILY_ANALYSES.values():
-        mine = [layer for layer in layers if layer.get("family", "tree") == family.name]
-        if not mine:
-            continue
-        table = Table("layer", "name", "family", *(header for header, _ in family.info_columns), box=None)
-        for i, layer in enumerate(mine):
-            table.add_row(str(i), layer["name"], family.name, *(_cell(layer.get(key)) for _, key in family.info_columns))
-        tables.append(table)
-    return tables
-
-
-def _fmt3(value: float | None) -> str:
-    """A share as the report table prints it: 3 decimals, – for none."""
-    return "–" if value is None else f"{value:.3f}"
-
-
-def _cell(value: object) -> str:
-    return "–" if value is None else str(value)
+    print_info(console, summary)
 
 
 @app.command()
 def report(
-    paths: Annotated[list[Path], typer.Argument(help="Run file(s); several are compared side by side.")],
-    window: Annotated[Optional[str], typer.Option(help="Steps START:END (half-open; either may be left out).")] = None,
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Run file(s); several are compared side by side.")] = None,
+    window: Annotated[Optional[str], typer.Option(help="Steps START:END (half-open; either may be left out), 'all' for the "
+                                                      "whole run. Default: the last quarter of the run.")] = None,
     layer: Annotated[Optional[list[int]], typer.Option("--layer", "-l", help="Only this layer (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report object as JSON (keys: docs/report-json.md).")] = False,
-    events: Annotated[bool, typer.Option("--events", help="Also count pruning events and score the early warning.")] = False,
+    events: Annotated[bool, typer.Option("--events", help="Also list pruning events and evaluate the early warning "
+                                                          "(over the whole run unless --window is given).")] = False,
+    group: Annotated[Optional[list[str]], typer.Option("--group", "-g", help="NAME=GLOB: a group of runs (seeds of one "
+                     "arm); repeat for more groups. Prints each metric's mean and 95% interval per group, and Welch's t "
+                     "and a permutation p-value between groups.")] = None,  # fmt: skip
+    delta: Annotated[Optional[float], typer.Option(help="Dead: the reach is provably under DELTA of the balanced share "
+                                                        "[default: 0.05].")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="One-sided error of each Clopper–Pearson bound [default: 0.05].")] = None,
+    epsilon: Annotated[Optional[float], typer.Option(help="Frozen: the minority child provably gets under EPSILON "
+                                                          "[default: 0.01].")] = None,
+    persistence: Annotated[Optional[int], typer.Option(help="K: intervals per rolling window, and windows a death must "
+                                                            "persist [default: 5].")] = None,
 ) -> None:
-    """Routing metrics per layer over a window of steps: tree entropy, balance, dead/frozen/static fractions;
-    L1 active units per token and dead units; MoE expert load, router entropy, drops. Definitions of every
-    column and key: docs/metrics.md and docs/report-json.md."""
-    from routescope.analysis.report import build_report, compare_table, legend_text, report_table
+    """Routing metrics per layer over a window of steps (default: the last quarter of the run): tree entropy,
+    balance, calibrated dead/undetermined/frozen/static fractions, pruned roots; L1 active units and dead
+    units; MoE expert load, router entropy, drops. Definitions: docs/metrics.md and docs/report-json.md."""
+    from routescope.analysis.calibrated import Thresholds
+    from routescope.analysis.report import (
+        build_report,
+        compare_table,
+        events_summary,
+        legend_text,
+        report_table,
+    )
     from routescope.analysis.window import MetricsError, parse_window
 
+    if not paths and not group:
+        fail("give run files to report, or --group NAME=GLOB for groups of runs (see routescope report --help)")
     try:
+        given = {"delta": delta, "alpha": alpha, "epsilon": epsilon, "persistence": persistence}
+        th = Thresholds(**{k: v for k, v in given.items() if v is not None})
         bounds = parse_window(window)
-        reports = [build_report(path, bounds, layer, events) for path in paths]
+        if group:
+            _report_groups(group, list(paths or []), bounds, layer, th, as_json)
+            return
+        reports = [build_report(path, bounds, layer, events, th) for path in paths or []]
     except (RunFileError, MetricsError) as err:
         fail(str(err))
     if as_json:
@@ -295,15 +274,30 @@ def report(
     elif len(reports) == 1:
         console.print(report_table(reports[0]))
         if events:
-            e = reports[0]["events"]
-            w = e["early_warning"]
-            console.print(f"pruning: {e['died']} nodes died (first at step {e['first_death_step']}), {e['froze']} froze; "
-                          f"early warning: {w['flags']} flags, {w['predicted']}/{w['deaths']} deaths predicted "
-                          f"(precision {_fmt3(w['precision'])}, recall {_fmt3(w['recall'])})")  # fmt: skip
+            console.print(events_summary(reports[0]["events"]))
     else:
         console.print(compare_table(reports))
         families = list(dict.fromkeys(layer["family"] for r in reports for layer in r["layers"]))
         console.print(legend_text(families))
+
+
+def _report_groups(specs: list[str], extra: list[Path], window: object, layers: list[int] | None, th: object,
+                   as_json: bool) -> None:  # fmt: skip
+    """`report --group`: each metric's mean and 95% interval per group of runs, Welch's t and a permutation p
+    between groups (routescope.analysis.groups); identical runs are counted once."""
+    from routescope.analysis.groups import GroupSpecError, collect_groups, expand_groups, group_table
+
+    if extra:
+        fail("give runs either as files or as --group NAME=GLOB, not both (a file can go in a group of its own: "
+             "--group NAME=FILE)")  # fmt: skip
+    try:
+        result = collect_groups(expand_groups(specs), window, layers, th)  # type: ignore[arg-type]
+    except GroupSpecError as err:
+        fail(str(err))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        console.print(group_table(result))
 
 
 @app.command()

@@ -104,3 +104,47 @@ def test_frozen_side_decides_right_starved_share(starve_right: bool, expected: f
     # the starved child is dead, and so are its two leaves: one pruning root, two cascading deaths
     assert m["dead_fraction"][0] == pytest.approx(1 / 3) and m["pruned_roots"][0] == 1 and m["cascade_dead"][0] == 2
     assert m["static_fraction"][0] == pytest.approx(3 / 7) and m["zero_visit_fraction"][0] == pytest.approx(1 / 3)
+
+
+def test_l1_dead_units_are_calibrated_against_the_mean_firing_rate() -> None:
+    """8 units, 20,000 tokens: the mean firing rate sets the share; a unit at 1% of it is dead, one at 20% live,
+    and with 200 tokens the silent unit is only undetermined. Expected states from scipy's beta quantiles."""
+    from routescope.analysis.families import l1_metrics_numpy
+
+    tokens = 20_000
+    fires = np.array([10_000, 10_000, 10_000, 10_000, 10_000, 0, 50, 1_000])  # rate 0.5 each; 0; 0.0025; 0.05
+    rate = fires.sum() / tokens / 8
+    threshold = DELTA * rate
+    upper = np.array([1.0 if f == tokens else stats.beta.ppf(0.95, f + 1, tokens - f) for f in fires])
+    lower = np.array([0.0 if f == 0 else stats.beta.ppf(0.05, f, tokens - f + 1) for f in fires])
+    expected_dead = int((upper < threshold).sum())
+    expected_undetermined = int(((upper >= threshold) & (lower <= threshold)).sum())
+    counts = {"tokens": np.array(tokens), "unit_fires": fires, "active_sum": np.array(fires.sum()),
+              "active_hist": np.array([tokens])}  # fmt: skip
+    m = l1_metrics_numpy(counts, 8, np.array([0.0]))
+    assert expected_dead == 2 and int(m["dead_units"]) == expected_dead  # the silent unit and the 1% one
+    assert int(m["undetermined_units"]) == expected_undetermined == 0 and int(m["zero_fire_units"]) == 1
+    few_fires = fires // 200  # 100 tokens: U(0, 100) = 1 − α^(1/100) ≈ 0.030 is above δ·rate ≈ 0.016
+    assert 1 - ALPHA ** (1 / 100) > DELTA * few_fires.sum() / 100 / 8
+    few = l1_metrics_numpy({**counts, "tokens": np.array(100), "unit_fires": few_fires, "active_sum": np.array(few_fires.sum())},
+                           8, np.array([0.0]))  # fmt: skip
+    assert int(few["dead_units"]) == 0 and int(few["zero_fire_units"]) == 2  # silent, yet unproven
+
+
+def test_moe_dead_experts_are_calibrated_against_k_over_e() -> None:
+    """E = 8, k = 2, 10,000 tokens: an expert the router picks for 0.5% of tokens (under 5% of its 25% share)
+    is dead though it was selected; one never selected is dead; with 100 tokens neither is proven."""
+    from routescope.analysis.families import moe_metrics_numpy
+
+    tokens, experts, k = 10_000, 8, 2
+    selected = np.array([3_300, 3_300, 3_300, 3_300, 3_300, 3_450, 50, 0])
+    assert selected.sum() == k * tokens
+    share = DELTA * k / experts
+    upper = [1.0 if s == tokens else stats.beta.ppf(0.95, s + 1, tokens - s) for s in selected]
+    assert sum(u < share for u in upper) == 2
+    counts = {"tokens": np.array(tokens), "expert_tokens": selected, "dropped_tokens": np.array(0),
+              "coselect": np.diag(selected), "router_entropy_sum": np.array(0.0)}  # fmt: skip
+    m = moe_metrics_numpy(counts, experts, k)
+    assert int(m["dead_experts"]) == 2 and int(m["zero_selection_experts"]) == 1 and int(m["undetermined_experts"]) == 0
+    few = moe_metrics_numpy({**counts, "tokens": np.array(100), "coselect": np.diag(selected // 100)}, experts, k)
+    assert int(few["dead_experts"]) == 0 and int(few["undetermined_experts"]) == 2

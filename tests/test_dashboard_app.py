@@ -3,16 +3,21 @@ and the server's refusal of anything but the app and the files named at start.""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
 import pytest
 
+import routescope
+from routescope.analysis import WarningReport
+from routescope.analysis.calibrated import DEAD, LIVE, UNDETERMINED, Thresholds
+from routescope.analysis.window import LAST_QUARTER
 from routescope.dashboards import figures as F
-from routescope.dashboards.app import METRIC_LABELS, create_app, is_loopback
+from routescope.dashboards.app import METRIC_LABELS, Dashboard, create_app, is_loopback
+from routescope.dashboards.labels import seed_groups, unique_labels
 from routescope.dashboards.server_safety import is_traversal
-from routescope.dashboards.sources import seed_groups, unique_labels
 
 # ---- 9. labels and seed groups -------------------------------------------------------------------------
 
@@ -91,15 +96,128 @@ def test_dashboard_views_return_figures(app) -> None:
     assert len(badges) == 1
 
 
-def test_dashboard_tree_matches_file(app) -> None:
-    """The icicle of the last interval shows exactly the recorded node visits of that tree."""
+def test_dashboard_tree_matches_file(app, debug_run: Path) -> None:
+    """The icicle shows exactly the recorded node visits of that tree, summed over its window: by default the
+    last quarter of the run, else the whole run or the K intervals up to the slider."""
     board = app.board
     src = board.source(0)
-    last = src.n_steps - 1
-    data = src.interval(last, 0, ("node_visits",))
-    trace = next(t for t in board.tree(0, 0, 0, None, "visits").data if isinstance(t, go.Icicle))
-    nodes = data["node_visits"].shape[1]
-    np.testing.assert_allclose(list(trace.marker.colors)[:nodes], data["node_visits"][0])
+    n = src.n_steps
+    visits = routescope.open(debug_run)["node_visits"].values[:, 0, 1]  # (step, node) of layer 0, tree 1
+    nodes = 2 ** src.layers[0].depth - 1
+    quarter = -(-n // 4)
+    for window, rows in ((LAST_QUARTER, slice(n - quarter, n)), ("all", slice(0, n)), ("step", slice(max(0, n - 1 - 5), n - 1))):
+        fig = board.tree(0, 0, 1, n - 2, "visits", window)
+        trace = next(t for t in fig.data if isinstance(t, go.Icicle))
+        np.testing.assert_allclose(list(trace.marker.colors)[:nodes], visits[rows, :nodes].sum(0), err_msg=window)
+        first, last = int(src.steps[rows][0]), int(src.steps[rows][-1])
+        assert f"steps {first}–{last} (" in fig.layout.title.text, (window, fig.layout.title.text)
+    assert f"(the last quarter: {quarter} of {n} intervals)" in board.tree(0, 0, 1, None, None).layout.title.text
+
+
+def test_dashboard_drift_says_whose_warnings_and_the_verdict(app) -> None:
+    """The source caches the whole early-warning report; the drift view labels the flags by whose they are."""
+    src = app.board.source(0)
+    report = src.warnings()
+    assert isinstance(report, WarningReport) and report.source in ("predictor", "trivial rule")
+    assert src.warnings() is report  # cached: the run has not grown
+    fig = app.board.drift(0, 0, 0, [1, 2])
+    assert f"early warning: {report.verdict}" in fig.layout.title.text
+    events = src.events()
+    assert {"kind", "status", "node"} <= set(events.columns)
+
+
+def test_dashboard_defaults_to_state_colouring_and_the_last_quarter(app) -> None:
+    components = {getattr(c, "id", None): c for c in _walk(app.layout)}
+    assert components["color-by"].value == "state" and next(iter(F.NODE_COLORINGS)) == "state"
+    assert components["tree-window"].value == LAST_QUARTER
+    assert [o["value"] for o in components["tree-window"].options] == [LAST_QUARTER, "all", "step"]
+
+
+def _walk(component):
+    yield component
+    children = getattr(component, "children", None)
+    for child in children if isinstance(children, list) else [children] if children is not None else []:
+        if hasattr(child, "to_plotly_json"):
+            yield from _walk(child)
+
+
+def _write_tree_run(path: Path, depth: int, intervals: list[np.ndarray]) -> Path:
+    """A one-layer tree run whose interval i (closing at step i + 1) has leaf visits intervals[i] (trees, 2^d)."""
+    from routescope.store import LayerLayout
+    from routescope.store.writer import RunWriter
+
+    trees, nodes = intervals[0].shape[0], 2**depth - 1
+    layer = LayerLayout("mlp", depth, trees, {"family": "tree", "variant": "neuron", "leaf_width": 1, "depth": depth})
+    writer = RunWriter(path, [layer], {})
+    for i, leaves in enumerate(intervals):
+        heap = np.zeros((trees, 2 ** (depth + 1) - 1), dtype=np.int64)
+        heap[:, nodes:] = leaves
+        for node in range(nodes - 1, -1, -1):
+            heap[:, node] = heap[:, 2 * node + 1] + heap[:, 2 * node + 2]
+        visits, right = heap[:, :nodes], heap[:, 2 * np.arange(nodes) + 2]
+        writer.append_interval(i + 1, {
+            "tokens": leaves[0].sum(), "layer_tokens": np.array([leaves[0].sum()]), "node_visits": visits[None],
+            "node_right": right[None], "node_fires": visits[None], "node_act_sum": np.zeros((1,) + visits.shape),
+            "node_act_sqsum": visits[None].astype(float), "leaf_visits": leaves[None], "leaf_fires": leaves[None],
+            "leaf_act_sum": np.zeros((1,) + leaves.shape), "leaf_act_sqsum": np.zeros((1,) + leaves.shape),
+        }, {})  # fmt: skip
+    writer.close()
+    return path
+
+
+def test_dashboard_tree_states_over_the_window(tmp_path: Path) -> None:
+    """Six balanced intervals of 1,000 tokens, then two in which the root sends everything left. Over the last
+    quarter (steps 7–8) node 2 and its leaves got 0 of 2,000 tokens: provably dead, the root frozen starving
+    its right child. Over the whole run, or the five intervals up to step 6, every unit is live."""
+    balanced, left = np.full((1, 4), 250), np.array([[500, 500, 0, 0]])
+    board = Dashboard([_write_tree_run(tmp_path / "t.h5", 2, [balanced] * 6 + [left] * 2)])
+    fig = board.tree(0, 0, 0, None, None)
+    assert fig.layout.title.text.startswith("Layer 0, tree 0, steps 7–8 (the last quarter: 2 of 8 intervals): calibrated state")
+    trace = fig.data[0]
+    colors, texts, lines = (dict(zip(trace.ids, v)) for v in (trace.marker.colors, trace.text, trace.marker.line.color))
+    assert {i for i, c in colors.items() if c == F.UNIT_STATE_COLORS[DEAD]} == {"n2", "leaf2", "leaf3"}
+    assert {i for i, c in colors.items() if c == F.UNIT_STATE_COLORS[LIVE]} == {"n0", "n1", "leaf0", "leaf1"}
+    assert texts["n0"] == "0 frozen, starves R" and lines["n0"] == F.FROZEN_COLOR
+    assert F.state_legend(board.th) in re.sub(r"<[^>]+>", "", fig.layout.annotations[0].text).replace("■ ", "").replace("□ ", "")
+    for window, step, title in (("all", None, "steps 1–8 (the whole run: 8 of 8 intervals)"),
+                                ("step", 5, "steps 2–6 (the 5 intervals up to the step slider)"),
+                                ("step", 0, "step 1 (the 1 interval up to the step slider)")):  # fmt: skip
+        fig = board.tree(0, 0, 0, step, "state", window)
+        assert title in fig.layout.title.text
+        assert set(fig.data[0].marker.colors) == {F.UNIT_STATE_COLORS[LIVE]}, window
+        assert F.FROZEN_COLOR not in fig.data[0].marker.line.color
+    sums = board.source(0).window_sums(0, 6, 8, ("node_visits", "leaf_visits"))
+    assert list(sums["node_visits"][0]) == [2000, 2000, 0] and list(sums["leaf_visits"][0]) == [1000, 1000, 0, 0]
+    assert float(sums["tokens"]) == 2000
+    # The board's thresholds are the view's: at δ = 0.1% a zero at level 1 proves death only from 5,990 tokens
+    # on, so node 2's 0 of 2,000 is undetermined, and the legend says 0.1%.
+    th = Thresholds(delta=0.001)
+    assert th.zero_visit_floor(1) == 5990
+    fig = Dashboard([tmp_path / "t.h5"], th=th).tree(0, 0, 0, None, None)
+    assert dict(zip(fig.data[0].ids, fig.data[0].marker.colors))["n2"] == F.UNIT_STATE_COLORS[UNDETERMINED]
+    assert "provably under 0.1% of its balanced share" in fig.layout.annotations[0].text
+
+
+def test_window_sums_follow_a_moving_window(tmp_path: Path) -> None:
+    """Windows near a cached one are built from it plus and minus the rows that differ: every window of every
+    length, visited sliding and growing, equals the plain sum of the file's rows."""
+    rng = np.random.default_rng(3)
+    intervals = [rng.multinomial(100 + i, np.full(8, 1 / 8))[None] for i in range(12)]
+    path = _write_tree_run(tmp_path / "m.h5", 3, intervals)
+    src = Dashboard([path]).source(0)
+    file = routescope.open(path)
+    read: list[int] = []
+    sum_rows = src._sum_rows
+    src._sum_rows = lambda layer, lo, hi, names: read.append(hi - lo) or sum_rows(layer, lo, hi, names)
+    for length in (1, 3, 5, 12):
+        before = len(read)
+        for start in range(0, 13 - length):
+            got = src.window_sums(0, start, start + length, ("node_visits", "node_right", "leaf_visits"))
+            for name in ("node_visits", "node_right", "leaf_visits"):
+                np.testing.assert_array_equal(got[name], file[name].values[start : start + length, 0, :1].sum(0))
+            assert int(got["tokens"]) == sum(100 + i for i in range(start, start + length))
+        if length == 5:  # sliding by one reads the row that enters and the one that leaves, not all five
+            assert sum(read[before:]) <= 5 + 2 * (13 - length - 1) < 5 * (13 - length)
 
 
 def test_dashboard_slider(app) -> None:

@@ -21,6 +21,7 @@ import pytest
 
 import routescope
 from routescope import analysis as metrics
+from routescope.analysis.calibrated import PERSISTENCE
 from routescope.dashboards import figures_families as FF
 from routescope.dashboards import sources
 from routescope.dashboards.app import create_app
@@ -139,7 +140,7 @@ def test_l1_views_match_the_file(runs: dict[str, Path]) -> None:
     np.testing.assert_array_equal(trace.y[:-1], hist[:bins])
     assert f"step {steps[2]}" in hist_fig.layout.title.text
     np.testing.assert_allclose(rates_fig.data[0].y, np.sort(fires / tokens)[::-1])
-    series = metrics.family_timeseries(routescope.open(runs["l1"], group="l1"), "l1", rolling=1)
+    series = metrics.family_timeseries(routescope.open(runs["l1"], group="l1"), "l1", rolling=PERSISTENCE)  # the dashboard draws rolling K-interval windows
     curves = board.l1_over_training(0, 1)
     mean = next(t for t in curves.data if t.name == "mean")
     np.testing.assert_allclose(mean.y, series.active_mean.values[:, 1])
@@ -162,14 +163,15 @@ def test_moe_views_match_the_file(runs: dict[str, Path], monkeypatch: pytest.Mon
     np.testing.assert_allclose(next(t for t in bars.data if isinstance(t, go.Bar)).y, share[1])
     np.testing.assert_allclose(next(t for t in bars.data if isinstance(t, go.Scatter)).y, np.diag(coselect) / (k * tokens[1]))
     assert bars.layout.shapes[0].y0 == pytest.approx(1 / experts)
-    series = metrics.family_timeseries(routescope.open(runs["moe"], group="moe"), "moe", rolling=1)
+    series = metrics.family_timeseries(routescope.open(runs["moe"], group="moe"), "moe", rolling=1)  # one interval
     assert f"load CV {series.load_cv.values[1, 0]:.3f}" in bars.layout.title.text
     np.testing.assert_allclose(np.array(cosel.data[0].z, dtype=float)[0, 1], coselect[0, 1] / tokens[1])
     heatmap, curves = board.moe_over_training(0, 0)
     np.testing.assert_allclose(heatmap.data[0].z, share.T)
+    rolling = metrics.family_timeseries(routescope.open(runs["moe"], group="moe"), "moe", rolling=PERSISTENCE)
     for name in ("load_cv", "max_mean_load", "dead_experts", "router_entropy", "drop_fraction"):
-        trace = next(t for t in curves.data if t.name == FF.CURVE_NAMES[name])
-        np.testing.assert_allclose(trace.y, getattr(series, name).values[:, 0], equal_nan=True)
+        trace = next(t for t in curves.data if t.name == FF.CURVE_NAMES[name])  # curves: rolling K-interval windows
+        np.testing.assert_allclose(trace.y, getattr(rolling, name).values[:, 0], equal_nan=True)
 
 
 def test_views_of_a_family_a_run_lacks_say_so(runs: dict[str, Path]) -> None:
@@ -236,13 +238,14 @@ def test_l1_views_follow_a_growing_file(tmp_path: Path) -> None:
     path = tmp_path / "live.h5"
     _write_l1(path, 2)
     board = create_app([path], interval_s=0.1).board
-    assert list(board.l1_over_training(0, 0).data[0].y) == [1, 2]
+    # rolling windows of K = 5 intervals: the mean active units of intervals 1..i (1, 2, 3, 4 alone)
+    assert list(board.l1_over_training(0, 0).data[0].y) == [1, 1.5]
     grown = tmp_path / "grown.h5"
     _write_l1(grown, 4)
     os.replace(grown, path)
     _, changed = board.tick()
     assert changed and board.slider(0, None, None)[0] == 3
-    assert list(board.l1_over_training(0, 0).data[0].y) == [1, 2, 3, 4]
+    assert list(board.l1_over_training(0, 0).data[0].y) == [1, 1.5, 2, 2.5]  # new windows reach back into old rows
     assert "step 40" in board.l1_at_step(0, 0, 3)[0].layout.title.text
 
 
@@ -294,8 +297,8 @@ def test_family_compare_draws_each_run_as_its_file_says(tmp_path: Path, runs: di
     fig = app.board.family_compare("l1", "active_mean", 0)
     assert len(fig.data) == 2 and "l1 layer 0" in fig.layout.title.text
     by_steps = {tuple(t.x): list(t.y) for t in fig.data}
-    assert by_steps[(10, 20, 30, 40)] == [1, 2, 3, 4]
-    real = metrics.family_timeseries(routescope.open(runs["l1"], group="l1"), "l1", rolling=1)
+    assert by_steps[(10, 20, 30, 40)] == [1, 1.5, 2, 2.5]  # rolling K = 5 windows of intervals with 1, 2, 3, 4
+    real = metrics.family_timeseries(routescope.open(runs["l1"], group="l1"), "l1", rolling=PERSISTENCE)  # the dashboard draws rolling K-interval windows
     np.testing.assert_allclose(by_steps[tuple(real.step.values)], real.active_mean.values[:, 0])
     # layer 1 exists in the preset's run only: one line; a layer no run has: a message, no trace
     assert len(app.board.family_compare("l1", "active_mean", 1).data) == 1
@@ -312,5 +315,5 @@ def test_family_compare_groups_seeds_into_mean_and_band(tmp_path: Path, runs: di
     names = [t.name for t in fig.data]
     assert len(fig.data) == 2 and any("mean of 2" in n for n in names) and any("min–max of 2" in n for n in names)
     mean = next(t for t in fig.data if "mean of 2" in t.name)
-    real = metrics.family_timeseries(routescope.open(runs["moe"], group="moe"), "moe", rolling=1)
+    real = metrics.family_timeseries(routescope.open(runs["moe"], group="moe"), "moe", rolling=PERSISTENCE)  # the dashboard draws rolling K-interval windows
     np.testing.assert_allclose(mean.y, real.load_cv.values[:, 0])

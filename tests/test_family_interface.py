@@ -12,6 +12,7 @@ import routescope
 from routescope import analysis
 from routescope.analysis.family import FAMILY_ANALYSES, legend
 from routescope.analysis.report import build_report
+from routescope.analysis.window import ALL
 
 
 def test_interface_keys_are_the_metrics() -> None:
@@ -20,7 +21,7 @@ def test_interface_keys_are_the_metrics() -> None:
     assert FAMILY_ANALYSES["moe"].keys == analysis.MOE_METRICS
     assert list(FAMILY_ANALYSES) == list(routescope.store.schema.FAMILIES)  # one analysis per file family, same order
     labels = [label for label, _ in legend(list(FAMILY_ANALYSES))]
-    assert len(labels) == len(set(labels)) and "MI bits" in labels
+    assert len(labels) == len(set(labels)) and "MI excess" in labels
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_whole_run_summary_is_the_last_cumulative_point(runs: dict[str, Path], f
     fam = FAMILY_ANALYSES[family]
     with routescope.RunFile.open(runs[family]) as run:
         ds = run.dataset(family)
-        summary = fam.summary(ds)
+        summary = fam.summary(ds, ALL)
         cumulative = fam.timeseries(ds, rolling=None)
         per_interval = fam.timeseries(ds, rolling=1)
         window = fam.summary(ds, (int(ds["step"].values[-1]), None))  # the last interval alone

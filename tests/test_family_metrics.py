@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
+from scipy import stats
 from torch import nn
 
 import routescope
 from routescope import Recorder, analysis
+from routescope.analysis.window import ALL
 from routescope.layers import L1SparseFFN, TopKMoE
 from routescope.store import LayerLayout
 from routescope.store.schema import active_bin_edges
@@ -53,14 +55,20 @@ def test_l1_metrics_known_answers(l1_file: Path) -> None:
     first = analysis.summarize_family(ds, "l1", window=(None, 15)).isel(layer=0)
     assert float(first.active_mean) == pytest.approx(154 / 100)
     assert (float(first.active_p50), float(first.active_p99), float(first.active_max)) == (1, 2, 6)
-    assert int(first.dead_units) == 2 and float(first.dead_fraction) == 0.25
+    # 100 tokens cannot prove units 6, 7 dead (v2): (1 − δ·rate)^100 > α with rate = 1.54 / 8 the mean firing rate
+    assert (1 - 0.05 * 1.54 / 8) ** 100 > 0.05
+    assert int(first.dead_units) == 0 and int(first.zero_fire_units) == 2 and float(first.dead_fraction) == 0
+    # units 2-5 fired once: neither bound clears δ·rate either; units 0, 1 are live
+    assert stats.beta.ppf(0.05, 1, 100) < 0.05 * 1.54 / 8 < stats.beta.ppf(0.95, 2, 99)
+    assert int(first.undetermined_units) == 6
     assert float(first.active_fraction) == pytest.approx(1.54 / 8)
     np.testing.assert_allclose(first.unit_firing_rate.values, [1, 0.5, 0.01, 0.01, 0.01, 0.01, 0, 0])
     second = analysis.summarize_family(ds, "l1", window=(15, None)).isel(layer=0)
     assert (float(second.active_p50), float(second.active_p99), float(second.active_max)) == (3, 3, 3)
-    assert int(second.dead_units) == 5
-    both = analysis.summarize_family(ds, "l1").isel(layer=0)
-    assert float(both.active_mean) == pytest.approx(184 / 110) and int(both.dead_units) == 2
+    assert int(second.zero_fire_units) == 5 and int(second.dead_units) == 0  # 10 tokens prove nothing dead
+    assert analysis.summarize_family(ds, "l1").attrs["window_first_step"] == 20  # the default: the last quarter
+    both = analysis.summarize_family(ds, "l1", window=ALL).isel(layer=0)
+    assert float(both.active_mean) == pytest.approx(184 / 110) and int(both.zero_fire_units) == 2
     series = analysis.family_timeseries(ds, "l1", rolling=1)
     assert list(series.active_p50.values[:, 0]) == [1, 3]
     cumulative = analysis.family_timeseries(ds, "l1", rolling=None)
@@ -106,7 +114,10 @@ def test_moe_metrics_known_answers(tmp_path: Path) -> None:
     summary = analysis.summarize_family(routescope.open(path, group="moe"), "moe")
     one, balanced = summary.isel(layer=0), summary.isel(layer=1)
     assert float(one.load_cv) == pytest.approx(math.sqrt(3))  # std/mean of (N, 0, 0, 0) = sqrt(E - 1)
-    assert float(one.max_mean_load) == pytest.approx(4) and int(one.dead_experts) == 3
+    # 100 tokens cannot prove an expert dead at δ·k/E = 1.25%: that needs (1 − 0.0125)^N < α, N ≥ 239
+    assert (1 - 0.0125) ** 100 > 0.05 > (1 - 0.0125) ** 239
+    assert float(one.max_mean_load) == pytest.approx(4) and int(one.dead_experts) == 0
+    assert int(one.zero_selection_experts) == 3 and int(one.undetermined_experts) == 3
     assert float(one.router_entropy) == pytest.approx(2) and float(one.router_entropy_norm) == pytest.approx(1)
     assert float(one.drop_fraction) == 0 and float(one.active_fraction) == pytest.approx(0.25)
     assert list(one.tokens_per_expert.values[:4]) == [100, 0, 0, 0] and np.isnan(one.tokens_per_expert.values[4:]).all()
@@ -142,10 +153,11 @@ def test_real_layers_routed_a_known_way(tmp_path: Path) -> None:
             rec.step()
     moe = analysis.summarize_family(routescope.open(path, group="moe"), "moe")
     assert moe.router_entropy.values[0] == pytest.approx(2.0) and moe.router_entropy_norm.values[0] == pytest.approx(1)
-    assert moe.load_cv.values[1] == pytest.approx(math.sqrt(3)) and int(moe.dead_experts.values[1]) == 3
+    assert moe.load_cv.values[1] == pytest.approx(math.sqrt(3)) and int(moe.zero_selection_experts.values[1]) == 3
+    assert int(moe.dead_experts.values[1]) == 0  # 60 tokens in the last quarter: too few to prove them dead
     assert moe.drop_fraction.values[1] == pytest.approx((n - math.ceil(n / 4)) / n)
     l1 = analysis.summarize_family(routescope.open(path, group="l1"), "l1")
-    assert int(l1.dead_units.values[0]) == 3 and list(l1.unit_firing_rate.values[0, 5:]) == [0, 0, 0]
+    assert int(l1.zero_fire_units.values[0]) == 3 and list(l1.unit_firing_rate.values[0, 5:]) == [0, 0, 0]
 
 
 def test_family_metrics_clear_errors(l1_file: Path) -> None:

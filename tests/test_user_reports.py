@@ -118,24 +118,29 @@ def test_report_events_follow_layer(debug_run: Path) -> None:
     events = analysis.pruning_events(ds)
     for layer in (0, 1):
         report = json.loads(run_cli("report", str(debug_run), "--events", "--json", "--layer", str(layer)).stdout)
-        mine = events[events["layer"] == layer]
+        mine = events[(events["layer"] == layer) & (events["status"] == "event")]
         assert report["events"]["died"] == int((mine["kind"] == "died").sum())
         assert report["events"]["froze"] == int((mine["kind"] == "froze").sum())
         warning = analysis.early_warnings(ds, layers=[layer])
         assert set(warning.flags["layer"]) <= {layer}
-        assert report["events"]["early_warning"]["flags"] == len(warning.flags)
+        assert report["events"]["early_warning"]["verdict"] == warning.verdict
+        if warning.trivial is not None:
+            assert report["events"]["early_warning"]["trivial"]["flags"] == warning.trivial.flags
     everything = json.loads(run_cli("report", str(debug_run), "--events", "--json").stdout)["events"]
-    assert everything["died"] == int((events["kind"] == "died").sum())
+    final = events[events["status"] == "event"]
+    assert everything["died"] == int((final["kind"] == "died").sum())
 
 
 def test_report_says_its_window_rounds_alike_and_reports_a_layer_once(debug_run: Path) -> None:
     both = run_cli("report", str(debug_run), str(debug_run), "--window", "10:")
     assert both.returncode == 0 and "window 10:" in both.stdout
-    assert "whole runs" in run_cli("report", str(debug_run), str(debug_run)).stdout
-    single = run_cli("report", str(debug_run), "--events")
-    line = next(line for line in single.stdout.splitlines() if "precision" in line)
-    for number in line.split("precision")[1].replace(")", "").replace(",", " ").split():
-        assert number in ("recall", "–") or len(number.split(".")[-1]) <= 3, line
+    assert "the last quarter of each run" in run_cli("report", str(debug_run), str(debug_run)).stdout
+    assert "whole runs" in run_cli("report", str(debug_run), str(debug_run), "--window", "all").stdout
+    single = run_cli("report", str(debug_run), "--events", "--window", "all")
+    for line in single.stdout.splitlines():
+        if line.strip().startswith(("predictor ", "trivial rule", "random")):
+            for number in line.split(")")[-1].replace(",", "").split()[1:]:
+                assert number == "–" or len(number.split(".")[-1]) <= 3, line
     twice = json.loads(run_cli("report", str(debug_run), "--layer", "1", "--layer", "1", "--json").stdout)
     assert [layer["layer"] for layer in twice["layers"]] == [1]
 

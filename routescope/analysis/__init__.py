@@ -6,12 +6,14 @@ never imports torch. Definitions: docs/metrics.md.
     import routescope
     from routescope import analysis
     ds = routescope.open("run.h5")                     # the tree group, lazily
-    analysis.summarize(ds, window=(300, None))          # window metrics per layer and tree
-    analysis.timeseries(ds, rolling=10)                 # the same, per interval
+    analysis.summarize(ds)                              # the last quarter of the run, per layer and tree
+    analysis.summarize(ds, window=(300, None), th=analysis.Thresholds(alpha=0.01))
+    analysis.timeseries(ds, rolling=5)                  # the same, per interval
     analysis.FAMILY_ANALYSES["moe"].summary(routescope.open("run.h5", group="moe"))
 """
 
-from routescope.analysis.events import WarningReport, early_warnings, pruning_events
+from routescope.analysis.calibrated import DEAD, LIVE, UNDETERMINED, Thresholds, tree_states
+from routescope.analysis.events import pruning_events
 from routescope.analysis.families import (
     FAMILY_METRICS,
     L1_METRICS,
@@ -26,6 +28,7 @@ from routescope.analysis.families import (
     summarize_family,
 )
 from routescope.analysis.family import FAMILY_ANALYSES, FamilyAnalysis, Metric
+from routescope.analysis.mutual_info import mutual_information_table
 from routescope.analysis.report import build_report
 from routescope.analysis.stats import (
     FROZEN_EPSILON,
@@ -52,9 +55,19 @@ from routescope.analysis.tree import (
     timeseries,
     tree_metrics_numpy,
 )
-from routescope.analysis.window import MetricsError, parse_window, pick_layers, select_window, window_counts
+from routescope.analysis.warning import WarningReport, early_warnings
+from routescope.analysis.window import (
+    ALL,
+    LAST_QUARTER,
+    MetricsError,
+    parse_window,
+    pick_layers,
+    select_window,
+    window_counts,
+)
 
 __all__ = [
+    "ALL", "DEAD", "LAST_QUARTER", "LIVE", "UNDETERMINED", "Thresholds", "tree_states", "mutual_information_table",
     "COUNT_VARIABLES", "FAMILY_ANALYSES", "FAMILY_METRICS", "FROZEN_EPSILON", "L1_METRICS", "MOE_METRICS",
     "SUMMARY_VARIABLES", "TREE_METRICS", "FamilyAnalysis", "FamilyLayer", "LayerInfo", "Metric", "MetricsError",
     "WarningReport", "binary_entropy", "build_report", "depth_metrics_numpy", "early_warnings", "entropy_bits",

@@ -1,157 +1,172 @@
-"""Pruning events and collapse early warnings, streamed over a run's intervals.
+"""Pruning events (metrics v2) and the early warning, scored against two baselines on the run itself.
 
-A decision node *dies* at the first interval from which no token reaches it again until the end of
-the run (after having been reached before); it *freezes* when, from some interval on, it stays
-live with min(p, 1 - p) < epsilon. The early warning follows the auto-pruning mechanism: with
-z ~ N(mu, sigma^2) a node sends about Phi(-|mu|/sigma) of its tokens to its minority child, so when
-|mu|/sigma keeps growing the minority child is about to starve.
+Every unit (decision node or leaf) gets a calibrated state in each rolling window of K intervals
+(calibrated.py). A unit *dies* at the first interval t from which every rolling window finds it dead
+up to the end of the run, having been live before; the dead stretch must span at least K windows,
+or the death is `pending`. The same for *freezes* (live, minority child provably under ε). A death
+under a live parent is a `pruned_root`; one under a parent that is not live is a `cascade`.
+
+The early warning that predicts pruning-root deaths, with its baselines, is in warning.py.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import xarray as xr
-from scipy.special import ndtr
 
-from routescope.analysis.stats import FROZEN_EPSILON, is_frozen, node_moments
-from routescope.analysis.tree import layer_infos
-from routescope.analysis.window import blocks
+from routescope.analysis.calibrated import DEAD, DEFAULT, LIVE, Thresholds, tree_states
+from routescope.analysis.stats import node_moments
+from routescope.analysis.tree import LayerInfo, layer_infos
+from routescope.analysis.window import pick_layers
 
-EVENT_COLUMNS = ["kind", "step", "layer", "tree", "node", "depth", "parent_died_same_step",
-                 "mu_first", "mu_last", "mu_min", "mu_max", "live_intervals"]  # fmt: skip
-
-
-def _node_depth(node: int) -> int:
-    return int(np.floor(np.log2(node + 1)))
+EVENT_COLUMNS = ["kind", "status", "step", "layer", "tree", "node", "level", "leaf", "role", "side", "drift_first",
+                 "drift_before", "drift_last", "parent_drift_first", "parent_drift_before", "mu_first", "mu_before",
+                 "live_windows"]  # fmt: skip
 
 
-def pruning_events(ds: xr.Dataset, epsilon: float = FROZEN_EPSILON) -> pd.DataFrame:
-    """One row per node that died or froze during the run, with its mu_n trajectory summary."""
-    names = ("node_visits", "node_right", "node_act_sum")
-    steps = ds["step"].values
-    shape = ds["node_visits"].shape[1:]  # (layer, tree, node)
-    last_live = np.full(shape, -1)
-    first_live = np.full(shape, -1)
-    last_unfrozen = np.full(shape, -1)
-    live_count = np.zeros(shape, dtype=np.int64)
-    mu_first, mu_last = np.full(shape, np.nan), np.full(shape, np.nan)
-    mu_min, mu_max = np.full(shape, np.inf), np.full(shape, -np.inf)
-    at = 0
-    for block in blocks(ds, names):
-        v = block["node_visits"].astype(np.float64)
-        mu, _ = node_moments(v, block["node_act_sum"])
-        live = v > 0
-        index = (at + np.arange(len(v)))[:, None, None, None]
-        last_live = np.maximum(last_live, np.where(live, index, -1).max(0))
-        unset = (first_live < 0) & live.any(0)
-        first_live = np.where(unset, np.where(live, index, np.iinfo(np.int64).max).min(0), first_live)
-        frozen = is_frozen(v, block["node_right"], epsilon)
-        last_unfrozen = np.maximum(last_unfrozen, np.where(~frozen, index, -1).max(0))
-        live_count += live.sum(0)
-        masked = np.where(live, mu, np.nan)
-        with warnings.catch_warnings():  # all-NaN slices (nodes unvisited in this block) are expected
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mu_min = np.fmin(mu_min, np.nanmin(masked, axis=0))
-            mu_max = np.fmax(mu_max, np.nanmax(masked, axis=0))
-        first_in_block = np.take_along_axis(masked, np.clip(first_live - at, 0, len(v) - 1)[None], 0)[0]
-        mu_first = np.where(np.isnan(mu_first) & (first_live >= at) & (first_live < at + len(v)), first_in_block, mu_first)
-        last_in_block = np.take_along_axis(masked, np.clip(last_live - at, 0, len(v) - 1)[None], 0)[0]
-        mu_last = np.where((last_live >= at) & (last_live < at + len(v)), last_in_block, mu_last)
-        at += len(v)
-    end = len(steps) - 1
-    rows = []
-    infos = layer_infos(ds)
-    died = (last_live >= 0) & (last_live < end)
-    froze = (last_live == end) & (last_unfrozen >= 0) & (last_unfrozen < end)
-    for kind, mask, index in (("died", died, last_live + 1), ("froze", froze, last_unfrozen + 1)):
-        for layer, tree, node in zip(*np.nonzero(mask)):
-            info = infos[layer]
-            if tree >= info.trees or node >= 2**info.depth - 1:
-                continue  # padding of a smaller layer
-            step = int(steps[index[layer, tree, node]])
-            parent = (node - 1) // 2
-            parent_died = bool(kind == "died" and node > 0 and died[layer, tree, parent]
-                               and steps[last_live[layer, tree, parent] + 1] == step)  # fmt: skip
-            rows.append([kind, step, int(layer), int(tree), int(node), _node_depth(int(node)), parent_died,
-                         mu_first[layer, tree, node], mu_last[layer, tree, node], mu_min[layer, tree, node],
-                         mu_max[layer, tree, node], int(live_count[layer, tree, node])])  # fmt: skip
-    return pd.DataFrame(rows, columns=EVENT_COLUMNS).sort_values(["step", "layer", "tree", "node"], ignore_index=True)
+# ---------------------------------------------------------------------------------------------- history
 
 
 @dataclass
-class WarningReport:
-    """Flags raised by `early_warnings` and how well they predicted deaths in the same run."""
+class History:
+    """Per rolling window of K intervals (one per interval, ending there) and per unit in heap order (leaf j
+    is unit 2^d − 1 + j; padding of shallower layers is state −1): state, frozen, starved side, and
+    the standardized drift μ/σ; per interval, the raw visits. Arrays (step, layer, tree, unit)."""
 
-    flags: pd.DataFrame  # step, layer, tree, node, child (the minority child expected to die), score
-    deaths: int  # children that died while their parent was live (the events a warning can predict)
-    predicted: int  # of those, deaths flagged within `horizon` intervals before they happened
-    true_flags: int  # flags followed by the flagged child's death within `horizon` intervals
-
-    @property
-    def precision(self) -> float:
-        return self.true_flags / len(self.flags) if len(self.flags) else float("nan")
-
-    @property
-    def recall(self) -> float:
-        return self.predicted / self.deaths if self.deaths else float("nan")
+    steps: np.ndarray
+    infos: list[LayerInfo]
+    th: Thresholds
+    state: np.ndarray  # int8 rolling state, -1 where the unit does not exist
+    frozen: np.ndarray  # bool, decision nodes only (unit < 2^d − 1)
+    starves_right: np.ndarray
+    visits: np.ndarray  # raw per-interval visits
+    rolling_visits: np.ndarray
+    drift: np.ndarray  # rolling μ/σ (float32, NaN where unvisited or unrecorded)
+    mu: np.ndarray
 
 
-def early_warnings(ds: xr.Dataset, horizon: int = 10, lookback: int = 5, min_tokens: float = 1.0,
-                   layers: list[int] | None = None) -> WarningReport:  # fmt: skip
-    """Flag nodes whose minority child is projected to receive < `min_tokens` per interval within
-    `horizon` intervals, by extrapolating the trend of |mu|/sigma over the last `lookback` intervals;
-    then score the flags against the deaths that followed in the same run (of the chosen `layers` only)."""
-    names = ("node_visits", "node_right", "node_act_sum", "node_act_sqsum")
-    steps = ds["step"].values
-    infos = layer_infos(ds)
-    events = pruning_events(ds)
-    if layers is not None:
-        events = events[events["layer"].isin(layers)]
-    death_index = {(r.layer, r.tree, r.node): int(np.searchsorted(steps, r.step)) for r in events.itertuples() if r.kind == "died"}
-    history: list[np.ndarray] = []
-    flags = []
-    at = 0
-    for block in blocks(ds, names):
-        v = block["node_visits"].astype(np.float64)
-        mu, sigma = node_moments(v, block["node_act_sum"], block["node_act_sqsum"])
-        with np.errstate(invalid="ignore"):
-            score = np.abs(mu) / np.maximum(sigma, 1e-6)  # sigma floored: a node whose z never varies
-        for i in range(len(v)):
-            history = (history + [score[i]])[-lookback:]
-            if len(history) < lookback:
-                continue
-            slope = (history[-1] - history[0]) / (lookback - 1)
-            projected = history[-1] + np.maximum(slope, 0) * horizon
-            minority_share = ndtr(-projected)
-            right_is_minority = block["node_right"][i] * 2 < block["node_visits"][i]
-            child_visits = np.where(right_is_minority, block["node_right"][i], block["node_visits"][i] - block["node_right"][i])
-            risky = (v[i] > 0) & (child_visits > 0) & (slope > 0) & (v[i] * minority_share < min_tokens)
-            for layer, tree, node in zip(*np.nonzero(risky)):
-                if tree >= infos[layer].trees or node >= 2 ** infos[layer].depth - 1 or (layers is not None and layer not in layers):
-                    continue
-                flags.append((at + i, int(layer), int(tree), int(node),
-                              int(2 * node + 1 + right_is_minority[layer, tree, node]), float(projected[layer, tree, node])))  # fmt: skip
-        at += len(v)
-    # Keep the first flag of each (node, child) episode; a flag is true if that child dies within the horizon.
-    seen: set[tuple[int, int, int]] = set()
-    rows, true_flags = [], 0
-    for index, layer, tree, node, child, score in flags:
-        key = (layer, tree, child)
-        if key in seen:
-            continue
-        seen.add(key)
-        death = death_index.get(key)
-        hit = death is not None and index < death <= index + horizon
-        true_flags += hit
-        rows.append((int(steps[index]), layer, tree, node, child, score, hit))
-    table = pd.DataFrame(rows, columns=["step", "layer", "tree", "node", "child", "projected_score", "child_died"])
-    flagged_first = {(r.layer, r.tree, r.child): int(np.searchsorted(steps, r.step)) for r in table.itertuples()}
-    # Predictable deaths: a child starved by its live parent's split, not one cascading from a dead parent.
-    own = events[(events["kind"] == "died") & (events["node"] > 0) & ~events["parent_died_same_step"]]
-    deaths = {(r.layer, r.tree, r.node): death_index[(r.layer, r.tree, r.node)] for r in own.itertuples()}
-    predicted = sum(1 for key, idx in deaths.items() if key in flagged_first and idx - horizon <= flagged_first[key] < idx)
-    return WarningReport(flags=table, deaths=len(deaths), predicted=predicted, true_flags=true_flags)
+def _rolling(values: np.ndarray, k: int) -> np.ndarray:
+    """Sums over the last k intervals (fewer at the start), along axis 0."""
+    cum = np.cumsum(values, axis=0)
+    out = cum.copy()
+    out[k:] -= cum[:-k]
+    return out
+
+
+def _units(ds: xr.Dataset, node_name: str, leaf_name: str, info: LayerInfo) -> np.ndarray | None:
+    """One layer's per-interval node then leaf values in heap order (step, tree, unit), None if not recorded."""
+    if node_name not in ds or leaf_name not in ds:
+        return None
+    nodes = 2**info.depth - 1
+    node = ds[node_name].isel(layer=info.index).values[:, : info.trees, :nodes]
+    leaf = ds[leaf_name].isel(layer=info.index).values[:, : info.trees, : nodes + 1]
+    return np.concatenate([node, leaf], axis=-1)
+
+
+def history(ds: xr.Dataset, th: Thresholds = DEFAULT, layers: list[int] | None = None) -> History:
+    """The rolling states of every unit of the chosen tree layers over the whole of `ds` (one pass, in memory)."""
+    infos = pick_layers(layer_infos(ds), layers)
+    steps, k = ds["step"].values, th.persistence
+    shape = (len(steps), ds.sizes["layer"], ds.sizes["tree"], 2 ** (max(i.depth for i in infos) + 1) - 1)
+    state = np.full(shape, -1, dtype=np.int8)
+    frozen, starves_right = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
+    visits, rolling_visits = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.float64)
+    drift, mu = np.full(shape, np.nan, dtype=np.float32), np.full(shape, np.nan, dtype=np.float32)
+    tokens = _rolling(ds["tokens"].values.astype(np.float64), k)
+    for info in infos:
+        raw = _units(ds, "node_visits", "leaf_visits", info)
+        assert raw is not None
+        nodes, units, t = 2**info.depth - 1, 2 ** (info.depth + 1) - 1, info.trees
+        right = _rolling(ds["node_right"].isel(layer=info.index).values[:, :t, :nodes].astype(np.float64), k)
+        rolled = _rolling(raw.astype(np.float64), k)
+        st = tree_states(rolled[..., :nodes], right, rolled[..., nodes:], tokens, th)
+        at = (slice(None), info.index, slice(0, t), slice(0, units))
+        state[at], visits[at], rolling_visits[at] = st.states, raw, rolled
+        frozen[at][..., :nodes], starves_right[at][..., :nodes] = st.frozen, st.starves_right
+        sums, squares = _units(ds, "node_act_sum", "leaf_act_sum", info), _units(ds, "node_act_sqsum", "leaf_act_sqsum", info)
+        if sums is not None and squares is not None:
+            m, s = node_moments(rolled, _rolling(sums.astype(np.float64), k), _rolling(squares.astype(np.float64), k))
+            assert s is not None
+            with np.errstate(divide="ignore", invalid="ignore"):
+                drift[at] = np.where(s > 0, m / s, np.nan)
+            mu[at] = m
+    return History(steps, infos, th, state, frozen, starves_right, visits, rolling_visits, drift, mu)
+
+
+def _tail(mask: np.ndarray) -> np.ndarray:
+    """Length of the run of True at the end of axis 0."""
+    return np.cumprod(mask[::-1], axis=0, dtype=np.int64).sum(0)
+
+
+def _first(mask: np.ndarray) -> np.ndarray:
+    """Index of the first True along axis 0 (len where none)."""
+    return np.where(mask.any(0), mask.argmax(0), len(mask))
+
+
+def death_intervals(h: History) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit (layer, tree, unit): the interval t its final dead stretch began (−1 if it never died
+    after being live) and whether that stretch spans at least K windows (False: pending)."""
+    dead, live = h.state == DEAD, h.state == LIVE
+    tail = _tail(dead)
+    start = len(h.steps) - tail
+    died = (tail > 0) & (_first(live) < start)
+    return np.where(died, start, -1), died & (tail >= h.th.persistence)
+
+
+# ---------------------------------------------------------------------------------------------- events
+
+
+def pick_at(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """values[index[...], ...] along axis 0 (NaN where index is out of range)."""
+    ok = (index >= 0) & (index < len(values))
+    got = np.take_along_axis(values, np.clip(index, 0, len(values) - 1)[None], 0)[0].astype(np.float64)
+    return np.where(ok, got, np.nan)
+
+
+def events_table(h: History) -> pd.DataFrame:
+    """One row per unit that died or froze (status "event"), or began to and has not yet persisted K
+    windows ("pending"), with its role, side and drift summary; sorted by step."""
+    steps, n = h.steps, len(h.steps)
+    live = h.state == LIVE
+    first_live = _first(live)
+    last = n - 1
+    start, confirmed = death_intervals(h)
+    froze_tail = _tail(h.frozen)
+    froze_start = n - froze_tail
+    was_free = _first(live & ~h.frozen) < froze_start
+    froze = (froze_tail > 0) & was_free
+    parents = np.maximum((np.arange(h.state.shape[-1]) - 1) // 2, 0)
+    parent_drift = h.drift[..., parents] * np.where(np.arange(h.state.shape[-1]) % 2 == 0, 1, -1)  # toward the unit
+    rows: list[list[Any]] = []
+    for kind, began, final, mask in (("died", start, confirmed, start >= 0), ("froze", froze_start, froze_tail >= h.th.persistence, froze)):
+        before = began - 1
+        summary = {"drift_first": pick_at(h.drift, first_live), "drift_before": pick_at(h.drift, before),
+                   "drift_last": pick_at(h.drift, np.full(began.shape, last)), "parent_drift_first": pick_at(parent_drift, first_live),
+                   "parent_drift_before": pick_at(parent_drift, before), "mu_first": pick_at(h.mu, first_live),
+                   "mu_before": pick_at(h.mu, before)}  # fmt: skip
+        parent_live = pick_at(h.state[..., parents], began) == LIVE
+        depths = {info.index: info.depth for info in h.infos}
+        for layer, tree, unit in zip(*np.nonzero(mask)):
+            if layer not in depths:
+                continue  # a layer not chosen
+            nodes = 2 ** depths[layer] - 1
+            at = (layer, tree, unit)
+            if kind == "died":
+                role, side = ("pruned_root" if parent_live[at] else "cascade"), ("left" if unit % 2 else "right")
+            else:
+                role, side = None, "right" if h.starves_right[-1][at] else "left"
+            rows.append([kind, "event" if final[at] else "pending", int(steps[began[at]]), int(layer), int(tree), int(unit),
+                         int(np.log2(unit + 1)), bool(unit >= nodes), role, side, *(float(v[at]) for v in summary.values()),
+                         int(live[:, layer, tree, unit].sum())])  # fmt: skip
+    table = pd.DataFrame(rows, columns=EVENT_COLUMNS)
+    return table.sort_values(["step", "layer", "tree", "node", "kind"], ignore_index=True)
+
+
+def pruning_events(ds: xr.Dataset, th: Thresholds = DEFAULT, layers: list[int] | None = None) -> pd.DataFrame:
+    """Deaths and freezes of the run's units (v2: persistence K, pending at the end; see events_table)."""
+    return events_table(history(ds, th, layers))
+

@@ -17,7 +17,8 @@ import numpy as np
 import xarray as xr
 
 from routescope.analysis import families, tree
-from routescope.analysis.window import Window, pick_layers, select_window
+from routescope.analysis.calibrated import DEFAULT, PERSISTENCE, Thresholds
+from routescope.analysis.window import LAST_QUARTER, Window, pick_layers, select_window
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Metric:
     key: str
     label: str
     name: str
+    table: bool = True  # shown as a column of the report's table (every metric is in the JSON)
 
     @property
     def short(self) -> str:
@@ -43,8 +45,8 @@ class FamilyAnalysis:
     shape_header: str  # the table column saying a layer's shape
     info_columns: tuple[tuple[str, str], ...]  # `info`'s columns: (header, key of the layer's spec)
     layers: Callable[[xr.Dataset], list[Any]]  # layer descriptors (index, name, ...) of the family's group
-    summary: Callable[..., xr.Dataset]  # (ds, window, layers) -> per-layer window metrics (dims layer, ...)
-    timeseries: Callable[..., xr.Dataset]  # (ds, rolling, layers) -> per-interval metrics (dims step, layer)
+    summary: Callable[..., xr.Dataset]  # (ds, window, layers, th) -> per-layer window metrics (dims layer, ...)
+    timeseries: Callable[..., xr.Dataset]  # (ds, rolling, layers, th) -> per-interval metrics (dims step, layer)
     head: Callable[[Any], dict[str, Any]]  # a layer's identifying report fields after layer, name, family
     shape: Callable[[dict[str, Any]], str]  # a report entry's shape, as the table prints it
     # (summary, chosen layers, window, traces) -> per chosen layer, the report fields after the metrics
@@ -54,8 +56,8 @@ class FamilyAnalysis:
 
     @property
     def columns(self) -> tuple[Metric, ...]:
-        """The report table's metric columns: the metrics, then the tree's mutual information."""
-        return (*self.metrics, *self.extra_columns)
+        """The report table's metric columns: the metrics shown in tables, then the tree's mutual information."""
+        return tuple(m for m in (*self.metrics, *self.extra_columns) if m.table)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -66,10 +68,10 @@ class FamilyAnalysis:
         """The layers picked by index (all when None); a clear error for an index this family lacks."""
         return pick_layers(self.layers(ds), layers, self.layer_word)
 
-    def report_entries(self, ds: xr.Dataset, window: Window, layers: list[int] | None,
-                       traces: xr.Dataset | None = None) -> tuple[xr.Dataset, list[dict[str, Any]]]:  # fmt: skip
+    def report_entries(self, ds: xr.Dataset, window: Window, layers: list[int] | None, traces: xr.Dataset | None = None,
+                       th: Thresholds = DEFAULT) -> tuple[xr.Dataset, list[dict[str, Any]]]:  # fmt: skip
         """The window summary and one report entry per chosen layer (JSON-ready: floats or None)."""
-        summary = self.summary(ds, window, layers)
+        summary = self.summary(ds, window, layers, th)
         chosen = self.chosen(ds, layers)
         bad = nonfinite_totals(ds, window)
         entries = []
@@ -91,22 +93,28 @@ def nonfinite_totals(ds: xr.Dataset, window: Window) -> list[int] | None:
 
 
 def number(value: Any) -> float | None:
-    """A metric value for JSON: a float rounded to 6 decimals, None for NaN."""
+    """A metric value for JSON: a float at full precision, None for NaN."""
     value = float(value)
-    return None if np.isnan(value) else round(value, 6)
+    return None if np.isnan(value) else value
 
 
 TREE_METRIC_NAMES = (
-    Metric("routing_entropy", "route\nH", "routing entropy (bits per decision, visit-weighted)"),
-    Metric("balance", "bal-\nance", "balance (1 = every split 50/50)"),
+    Metric("routing_entropy", "route\nH", "routing entropy (mean bits per decision over live nodes, unweighted)"),
+    Metric("balance", "bal-\nance", "balance (visit-weighted over live nodes; 1 = every split 50/50)"),
     Metric("leaf_entropy_norm", "leaf\nH/d", "leaf entropy / depth (1 = uniform over the leaves)"),
-    Metric("effective_leaves", "eff.\nleaves", "effective leaves (2^leaf entropy)"),
-    Metric("dead_fraction", "dead", "dead fraction (decision nodes no token reached)"),
-    Metric("frozen_fraction", "frozen", "frozen fraction (live nodes with min(p, 1-p) < 0.01)"),
+    Metric("effective_leaves", "eff.\nleaves", "effective leaves (2^leaf entropy)", table=False),
+    Metric("dead_fraction", "dead", "dead fraction (decision nodes provably under δ of their balanced share)"),
+    Metric("undetermined_fraction", "un-\ndet.", "undetermined fraction (decision nodes neither provably dead nor live)"),
+    Metric("frozen_fraction", "frozen", "frozen fraction (live nodes whose minority child provably gets under ε)"),
+    Metric("right_starved_share", "right\nstarved", "right-starved share (frozen nodes starving their right child)"),
     Metric("static_fraction", "static", "static fraction (dead units / all units: auto-pruning)"),
-    Metric("active_fraction", "active", "active fraction (units a token uses / units)"),
+    Metric("zero_visit_fraction", "zero\nvisits", "zero-visit fraction (decision nodes no token reached; v1's dead)",
+           table=False),
+    Metric("pruned_roots", "pruned\nroots", "pruned roots per tree (dead units whose parent is live)"),
+    Metric("cascade_dead", "casc-\nade", "cascade dead per tree (dead units below a pruned root)", table=False),
+    Metric("active_fraction", "active", "active fraction (units a token uses / units)", table=False),
     Metric("firing_fraction", "firing", "firing fraction (used units with a non-zero output)"),
-    Metric("leaf_gini", "leaf\nGini", "Gini coefficient of the leaf visits"),
+    Metric("leaf_gini", "leaf\nGini", "Gini coefficient of the leaf visits", table=False),
 )
 L1_METRIC_NAMES = (
     Metric("active_mean", "active\nmean", "mean active units per token"),
@@ -114,13 +122,17 @@ L1_METRIC_NAMES = (
     Metric("active_p99", "active\np99", "99th percentile of active units per token (histogram bin)"),
     Metric("active_max", "active\nmax", "most active units of any token (histogram bin)"),
     Metric("active_fraction", "active\nfrac.", "active fraction (mean active units / units)"),
-    Metric("dead_units", "dead\nunits", "dead units (no token fired them)"),
+    Metric("dead_units", "dead\nunits", "dead units (provably firing under δ of the layer's mean rate)"),
     Metric("dead_fraction", "dead\nfrac.", "dead fraction (dead units / units)"),
+    Metric("undetermined_units", "un-\ndet.", "undetermined units (neither provably dead nor live)"),
+    Metric("zero_fire_units", "zero\nfires", "units no token fired (v1's dead count)", table=False),
 )
 MOE_METRIC_NAMES = (
     Metric("load_cv", "load\nCV", "load coefficient of variation (selections before drops)"),
     Metric("max_mean_load", "max/\nmean", "max / mean expert load (before drops)"),
-    Metric("dead_experts", "dead\nexperts", "dead experts (no token selected them)"),
+    Metric("dead_experts", "dead\nexperts", "dead experts (provably selected under δ of their balanced share k/E)"),
+    Metric("undetermined_experts", "un-\ndet.", "undetermined experts (neither provably dead nor live)"),
+    Metric("zero_selection_experts", "zero\nselect.", "experts no token selected (v1's dead count)", table=False),
     Metric("router_entropy", "router\nH bits", "router entropy per token (bits)"),
     Metric("router_entropy_norm", "router\nH/log E", "router entropy / log2(experts)"),
     Metric("drop_fraction", "drop\nfrac.", "drop fraction (dropped / k·tokens)"),
@@ -128,10 +140,23 @@ MOE_METRIC_NAMES = (
 )
 
 
+MI_REPORT_KEYS = ("mi_bits", "mi_null_bits", "mi_excess_bits", "mi_excess_low", "mi_excess_high", "mi_p_value")
+
+
 def tree_extras(summary: xr.Dataset, chosen: list[Any], window: Window, traces: xr.Dataset | None) -> list[dict[str, Any]]:
-    """The tree report's extra field: token↔leaf mutual information from the sampled traces (None without)."""
-    mi = tree.mutual_information(traces, window) if traces is not None and "leaf" in traces else None
-    return [{"mutual_information": number(mi.values[info.index]) if mi is not None else None} for info in chosen]
+    """The tree report's extra fields: token↔leaf mutual information beside its shuffled-pairs null, from the
+    sampled traces of the summary's intervals (None without traces); `mutual_information` is v1's name of mi_bits."""
+    if traces is None or "leaf" not in traces:
+        return [{"mutual_information": None, **dict.fromkeys(MI_REPORT_KEYS)} for _ in chosen]
+    from routescope.analysis.mutual_info import mutual_information_table
+
+    steps = (int(summary.attrs["window_first_step"]), int(summary.attrs["window_last_step"]) + 1)
+    mi = mutual_information_table(traces, steps)
+    out = []
+    for info in chosen:
+        entry = {key: number(mi[key].values[info.index]) for key in MI_REPORT_KEYS}
+        out.append({"mutual_information": entry["mi_bits"], **entry})
+    return out
 
 
 def vector_extras(vector: str) -> Callable[..., list[dict[str, Any]]]:
@@ -143,7 +168,8 @@ def vector_extras(vector: str) -> Callable[..., list[dict[str, Any]]]:
     return extras
 
 
-MUTUAL_INFORMATION = Metric("mutual_information", "MI\nbits", "token↔leaf mutual information (bits, sampled tokens)")
+MUTUAL_INFORMATION = Metric("mi_excess_bits", "MI\nexcess",
+                            "token↔leaf mutual information above its shuffled-pairs null (bits, sampled tokens)")
 
 TREE = FamilyAnalysis(
     name="tree",
@@ -152,8 +178,8 @@ TREE = FamilyAnalysis(
     info_columns=(("variant", "variant"), ("depth", "depth"), ("trees", "trees"), ("units/tree", "units_per_tree"),
                   ("activation", "activation"), ("placement", "placement")),  # fmt: skip
     layers=tree.layer_infos,
-    summary=lambda ds, window=(None, None), layers=None: tree.summarize(ds, window, layers),
-    timeseries=lambda ds, rolling=10, layers=None: tree.timeseries(ds, rolling, layers),
+    summary=lambda ds, window=LAST_QUARTER, layers=None, th=DEFAULT: tree.summarize(ds, window, layers, th),
+    timeseries=lambda ds, rolling=PERSISTENCE, layers=None, th=DEFAULT: tree.timeseries(ds, rolling, layers, th),
     head=lambda info: {"depth": info.depth, "trees": info.trees, "variant": info.variant},
     shape=lambda entry: f"{entry['depth']}×{entry['trees']}",
     extras=tree_extras,
@@ -166,8 +192,9 @@ L1 = FamilyAnalysis(
     info_columns=(("d_in", "d_in"), ("units", "d_hidden"), ("d_out", "d_out"), ("l1_coef", "l1_coef"), ("gated", "gated"),
                   ("bias", "bias")),  # fmt: skip
     layers=lambda ds: families.family_layers(ds, "l1"),
-    summary=lambda ds, window=(None, None), layers=None: families.summarize_family(ds, "l1", window, layers),
-    timeseries=lambda ds, rolling=10, layers=None: families.family_timeseries(ds, "l1", rolling, layers),
+    summary=lambda ds, window=LAST_QUARTER, layers=None, th=DEFAULT: families.summarize_family(ds, "l1", window, layers, th),
+    timeseries=lambda ds, rolling=PERSISTENCE, layers=None, th=DEFAULT: families.family_timeseries(ds, "l1", rolling, layers,
+                                                                                                th),
     head=lambda info: {"depth": None, "trees": None, "units": info.width},
     shape=lambda entry: str(entry["units"]),
     extras=vector_extras("unit_firing_rate"),
@@ -180,8 +207,9 @@ MOE = FamilyAnalysis(
     info_columns=(("experts", "experts"), ("k", "k"), ("width", "expert_width"), ("capacity", "capacity_factor"),
                   ("activation", "activation"), ("balance", "balance_coef")),  # fmt: skip
     layers=lambda ds: families.family_layers(ds, "moe"),
-    summary=lambda ds, window=(None, None), layers=None: families.summarize_family(ds, "moe", window, layers),
-    timeseries=lambda ds, rolling=10, layers=None: families.family_timeseries(ds, "moe", rolling, layers),
+    summary=lambda ds, window=LAST_QUARTER, layers=None, th=DEFAULT: families.summarize_family(ds, "moe", window, layers, th),
+    timeseries=lambda ds, rolling=PERSISTENCE, layers=None, th=DEFAULT: families.family_timeseries(ds, "moe", rolling, layers,
+                                                                                                th),
     head=lambda info: {"depth": None, "trees": None, "experts": info.width, "k": info.k},
     shape=lambda entry: f"{entry['k']}/{entry['experts']}",
     extras=vector_extras("tokens_per_expert"),

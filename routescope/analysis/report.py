@@ -15,17 +15,29 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from routescope.analysis.calibrated import DEFAULT, Thresholds
 from routescope.analysis.family import FAMILY_ANALYSES, legend, number
-from routescope.analysis.window import MetricsError, Window, select_window
+from routescope.analysis.window import (
+    ALL,
+    LAST_QUARTER,
+    MetricsError,
+    Window,
+    describe_window,
+    resolve_window,
+    select_window,
+)
+
+REPORT_VERSION = 2  # metrics version 2: calibrated states (docs/metrics.md)
 from routescope.store.format import RunFileError
 from routescope.store.reader import RunFile, reads_run_file
 
 
 @reads_run_file(MetricsError)
-def build_report(path: str | Path, window: Window = (None, None), layers: list[int] | None = None,
-                 events: bool = False) -> dict[str, Any]:  # fmt: skip
-    """The report object of one run file over a window of steps (events: add pruning events and the
-    early warning's precision/recall, two more passes over the window; tree layers only).
+def build_report(path: str | Path, window: Window = LAST_QUARTER, layers: list[int] | None = None,
+                 events: bool = False, th: Thresholds = DEFAULT) -> dict[str, Any]:  # fmt: skip
+    """The report object of one run file over a window of steps, by default the last quarter of the run
+    (events: add the v2 pruning events and the early warning's evaluation, over the whole run unless a
+    window of steps is given; tree layers only).
 
     One entry per layer of every family present (tree, then l1, then moe); "layer" is the layer's
     index in its family's group, and `layers` picks those indices in every family that has them.
@@ -45,13 +57,18 @@ def build_report(path: str | Path, window: Window = (None, None), layers: list[i
             if chosen[name] == []:
                 continue
             family = FAMILY_ANALYSES[name]
-            summary, entries = family.report_entries(ds, window, chosen[name], traces)
+            summary, entries = family.report_entries(ds, window, chosen[name], traces, th)
             rows += entries
             means[name] = {key: _mean(summary[key].values) for key in family.keys}
-            window_info = window_info or {"start": window[0], "end": window[1], "first_step": summary.attrs["window_first_step"],
-                                          "last_step": summary.attrs["window_last_step"], "intervals": summary.attrs["intervals"]}  # fmt: skip
+            start, end = resolve_window(ds["step"].values, window)
+            window_info = window_info or {"start": start, "end": end, "span": describe_window(window),
+                                          "first_step": summary.attrs["window_first_step"],
+                                          "last_step": summary.attrs["window_last_step"], "intervals": summary.attrs["intervals"],
+                                          "run_intervals": int(ds.sizes["step"])}  # fmt: skip
         result = {
             "schema_version": run.schema_version,
+            "report_version": REPORT_VERSION,
+            "thresholds": th.as_dict(),
             "path": str(path),
             "window": window_info,
             "layers": rows,
@@ -59,7 +76,8 @@ def build_report(path: str | Path, window: Window = (None, None), layers: list[i
             "families": means,
         }
         if events and "tree" in datasets and chosen["tree"] != []:
-            result["events"] = _events(select_window(datasets["tree"], window), chosen["tree"])
+            span = ALL if window == LAST_QUARTER else window  # events need the run's history, not just its end
+            result["events"] = _events(select_window(datasets["tree"], span), chosen["tree"], th)
         return result
 
 
@@ -88,21 +106,28 @@ def nonfinite_warnings(report: dict[str, Any]) -> list[str]:
             for layer in report["layers"] if layer.get("nonfinite_tokens")]  # fmt: skip
 
 
-def _events(ds: Any, layers: list[int] | None) -> dict[str, Any]:
-    """Pruning events and the early warning's score in the window, over the chosen tree layers (None: all)."""
-    from routescope.analysis.events import early_warnings, pruning_events
+def _events(ds: Any, layers: list[int] | None, th: Thresholds) -> dict[str, Any]:
+    """v2 pruning events and the early warning's evaluation, over the chosen tree layers (None: all)."""
+    from routescope.analysis.events import pruning_events
+    from routescope.analysis.warning import early_warnings
 
-    table = pruning_events(ds)
-    if layers is not None:
-        table = table[table["layer"].isin(layers)]
-    warning = early_warnings(ds, layers=layers)
+    table = pruning_events(ds, th, layers)
+    final = table[table["status"] == "event"]
+    deaths = final[final["kind"] == "died"]
+    warning = early_warnings(ds, th=th, layers=layers)
     return {
-        "died": int((table["kind"] == "died").sum()),
-        "froze": int((table["kind"] == "froze").sum()),
-        "first_death_step": int(table.loc[table["kind"] == "died", "step"].min()) if (table["kind"] == "died").any() else None,
-        "early_warning": {"flags": len(warning.flags), "deaths": warning.deaths, "predicted": warning.predicted,
-                          "precision": number(warning.precision), "recall": number(warning.recall)},
-    }  # fmt: skip
+        "span_steps": [int(ds["step"].values[0]), int(ds["step"].values[-1])],
+        "died": int(len(deaths)),
+        "pruned_roots": int((deaths["role"] == "pruned_root").sum()),
+        "cascade": int((deaths["role"] == "cascade").sum()),
+        "died_right": int((deaths["side"] == "right").sum()),
+        "froze": int((final["kind"] == "froze").sum()),
+        "froze_starving_right": int(((final["kind"] == "froze") & (final["side"] == "right")).sum()),
+        "pending_deaths": int(((table["status"] == "pending") & (table["kind"] == "died")).sum()),
+        "pending_freezes": int(((table["status"] == "pending") & (table["kind"] == "froze")).sum()),
+        "first_death_step": int(deaths["step"].min()) if len(deaths) else None,
+        "early_warning": warning.as_dict(),
+    }
 
 
 def _fmt(value: float | None) -> str:
@@ -119,7 +144,7 @@ def report_table(report: dict[str, Any], with_legend: bool = True) -> Group:
         if not layers:
             continue
         shown.append(family.name)
-        title = f"{report['path']}: steps {w['first_step']}–{w['last_step']} ({w['intervals']} intervals)"
+        title = f"{report['path']}: {window_phrase(w)}"
         table = Table(title=title if family.name == "tree" else f"{title}, {family.name} layers", box=None, padding=(0, 1),
                       collapse_padding=True)  # fmt: skip
         for header in ("lay-\ner", "name" if family.name != "tree" else None, family.shape_header,
@@ -136,6 +161,13 @@ def report_table(report: dict[str, Any], with_legend: bool = True) -> Group:
     return Group(*tables, *warnings)
 
 
+def window_phrase(w: dict[str, Any]) -> str:
+    """'steps 230–300 (the last quarter: 8 of 30 intervals)' for a report's window."""
+    how = {"last-quarter": "the last quarter: ", "all": "the whole run: "}.get(w.get("span", ""), "")
+    total = f" of {w['run_intervals']}" if "run_intervals" in w else ""
+    return f"steps {w['first_step']}–{w['last_step']} ({how}{w['intervals']}{total} intervals)"
+
+
 def legend_text(families: list[str]) -> Text:
     """The column abbreviations of the tables, spelled out (definitions: docs/metrics.md)."""
     entries = "; ".join(f"{label}: {name}" for label, name in legend(families))
@@ -145,8 +177,8 @@ def legend_text(families: list[str]) -> Text:
 def compare_table(reports: list[dict[str, Any]]) -> Table:
     """Several runs side by side: one row per (family, layer, metric), one column per run."""
     first = reports[0]["window"]
-    span = ("whole runs" if first["start"] is None and first["end"] is None
-            else f"window {'' if first['start'] is None else first['start']}:{'' if first['end'] is None else first['end']}")  # fmt: skip
+    span = {"last-quarter": "the last quarter of each run", "all": "whole runs"}.get(first.get("span", ""),
+                                                                                    f"window {first.get('span')}")
     table = Table(title=f"comparison over {span}", box=None)
     table.add_column("layer", justify="right")
     table.add_column("metric")
@@ -161,3 +193,48 @@ def compare_table(reports: list[dict[str, Any]]) -> Table:
                                None) for r in reports]  # fmt: skip
                 table.add_row(label_layer, metric.short, *(_fmt(v) for v in values))
     return table
+
+
+def events_summary(e: dict[str, Any]) -> Group:
+    """`report --events` for people: the event counts, the early warning's verdict and its held-out scores
+    beside the trivial rule's and a random flagger's, and the lifts."""
+    first = f", the first at step {e['first_death_step']}" if e["first_death_step"] is not None else ""
+    parts: list[Any] = [Text(f"events (steps {e['span_steps'][0]}–{e['span_steps'][1]}): {e['died']} units died{first} "
+                             f"({e['pruned_roots']} pruned roots, {e['cascade']} cascading; {e['died_right']} right "
+                             f"children), {e['froze']} nodes froze ({e['froze_starving_right']} starving the right child); "
+                             f"pending: {e['pending_deaths']} deaths, {e['pending_freezes']} freezes")]  # fmt: skip
+    w = e["early_warning"]
+    parts.append(Text(f"early warning: {w['verdict']}"))
+    rows = [("predictor", w["predictor"]), ("trivial rule (minority child ≤ 1 token)", w["trivial"]),
+            ("random, predictor's flag count", w["random"]), ("random, trivial rule's flag count", w["random_trivial"])]  # fmt: skip
+    table = Table("held-out scoring", "flags", "precision", "recall", "F1", box=None)
+    for name, score in rows:
+        if score:
+            table.add_row(name, f"{score['flags']:,}", _fmt(score["precision"]), _fmt(score["recall"]), _fmt(score["f1"]))
+    if w["predictor"] or w["trivial"]:
+        parts.append(table)
+        lifts = [f"{name} {value:.2f}×" for name, value in (("predictor over random", w["lift_over_random"]),
+                 ("predictor over trivial", w["lift_over_trivial"]), ("trivial over random", w["trivial_lift_over_random"]))
+                 if value is not None]  # fmt: skip
+        if lifts:
+            parts.append(Text("precision lift: " + ", ".join(lifts)))
+    return Group(*parts)
+
+
+INFO_KEYS = {"tree": ("dead_fraction", "undetermined_fraction", "frozen_fraction", "static_fraction"),
+             "l1": ("dead_fraction", "undetermined_units"), "moe": ("dead_experts", "undetermined_experts")}
+
+
+def routing_summary(path: str | Path, window: str | None) -> dict[str, Any]:
+    """`info`'s routing line: calibrated states per family over the window (default: the last quarter). A bad
+    window given by the user raises; a default window that cannot be computed becomes {"error": ...}."""
+    from routescope.analysis.window import parse_window
+
+    try:
+        report = build_report(path, parse_window(window))
+    except MetricsError as err:
+        if window is not None:
+            raise
+        return {"error": str(err)}
+    families = {name: {key: values.get(key) for key in INFO_KEYS.get(name, ())} for name, values in report["families"].items()}
+    return {"window": report["window"], "phrase": window_phrase(report["window"]), "families": families}

@@ -1,4 +1,5 @@
-"""Numeric cores shared by every family's metrics: entropies, Gini, node drift and the frozen test.
+"""Numeric cores shared by every family's metrics: entropies, Gini, node drift and version 1's frozen count
+(the calibrated v2 states are in calibrated.py).
 
 Plain numpy on arrays of any leading shape, so one function serves a window summary (one row), a
 time series (one row per interval) and the dashboard's single-interval views alike.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-FROZEN_EPSILON = 0.01  # a live decision node is frozen when min(p, 1 - p) < epsilon
+FROZEN_EPSILON = 0.01  # version 1: a visited decision node was frozen when min(p, 1 - p) < epsilon
 
 
 def binary_entropy(p: np.ndarray) -> np.ndarray:
@@ -58,7 +59,8 @@ def right_share(visits: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 
 def is_frozen(visits: np.ndarray, right: np.ndarray, epsilon: float = FROZEN_EPSILON) -> np.ndarray:
-    """The frozen test, the one every view uses: a visited node whose minority share min(p, 1 - p) < epsilon."""
+    """Version 1's frozen count (no test): a visited node whose minority share min(p, 1 - p) < epsilon. Kept for
+    comparisons (benchmarks/window_stability.py); v2's calibrated test is calibrated.frozen_side."""
     p = right_share(visits, right)
     with np.errstate(invalid="ignore"):
         return (np.asarray(visits) > 0) & (np.minimum(p, 1 - p) < epsilon)

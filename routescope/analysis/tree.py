@@ -16,18 +16,28 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from routescope.analysis.calibrated import (
+    DEAD,
+    DEFAULT,
+    LIVE,
+    PERSISTENCE,
+    UNDETERMINED,
+    Thresholds,
+    calibrated_tree_numpy,
+    tree_states,
+)
 from routescope.analysis.stats import (
-    FROZEN_EPSILON,
     binary_entropy,
     entropy_bits,
     entropy_miller_madow,
     gini,
-    is_frozen,
     node_moments,
     right_share,
 )
 from routescope.analysis.window import (
+    LAST_QUARTER,
     Window,
+    describe_window,
     in_window,
     layer_configs,
     pick_layers,
@@ -38,9 +48,11 @@ from routescope.analysis.window import (
 )
 
 TREE_METRICS = (
-    "routing_entropy", "balance", "leaf_entropy_norm", "effective_leaves", "dead_fraction", "frozen_fraction",
-    "static_fraction", "active_fraction", "firing_fraction", "leaf_gini",
+    "routing_entropy", "balance", "leaf_entropy_norm", "effective_leaves", "dead_fraction", "undetermined_fraction",
+    "frozen_fraction", "right_starved_share", "static_fraction", "zero_visit_fraction", "pruned_roots", "cascade_dead",
+    "active_fraction", "firing_fraction", "leaf_gini",
 )  # fmt: skip
+DEPTH_METRICS = ("routing_entropy", "balance", "dead_fraction", "undetermined_fraction", "frozen_fraction")
 COUNT_VARIABLES = ("tokens", "node_visits", "node_right", "node_fires", "leaf_visits", "leaf_fires",
                    "node_act_sum", "node_act_sqsum")  # fmt: skip
 SUMMARY_VARIABLES = ("tokens", "node_visits", "node_right", "node_fires", "leaf_visits", "leaf_fires")
@@ -74,69 +86,51 @@ def layer_infos(ds: xr.Dataset) -> list[LayerInfo]:
 # ---------------------------------------------------------------------------------------------- core
 
 
-def _split_metrics(visits: np.ndarray, right: np.ndarray, epsilon: float) -> dict[str, np.ndarray]:
-    """Visit-weighted routing entropy and balance of a set of decision nodes (last axis), and its
-    dead and frozen node counts. Unvisited nodes have no split and carry no weight."""
-    visits = visits.astype(np.float64)
-    live = visits > 0
-    p = right_share(visits, right)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        total = visits.sum(-1)
-        return {
-            "routing_entropy": np.where(live, visits * binary_entropy(p), 0).sum(-1) / total,
-            "balance": np.where(live, visits * (1 - np.abs(2 * p - 1)), 0).sum(-1) / total,
-            "dead": (~live).sum(-1),
-            "frozen": is_frozen(visits, right, epsilon).sum(-1),
-        }
-
-
-def tree_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, epsilon: float = FROZEN_EPSILON) -> dict[str, np.ndarray]:
+def tree_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, th: Thresholds = DEFAULT) -> dict[str, np.ndarray]:
     """All per-tree metrics of one layer from window-summed counts of shape (..., T, nodes|leaves).
 
     `counts` holds node_visits, node_right, node_fires (..., T, 2^d - 1), leaf_visits, leaf_fires
-    (..., T, 2^d) and tokens (...,). Returns arrays of shape (..., T).
+    (..., T, 2^d) and tokens (...,). States are calibrated (calibrated.py). Returns arrays (..., T).
     """
-    d, nodes = layer.depth, 2**layer.depth - 1
+    d = layer.depth
     leaves = counts["leaf_visits"].astype(np.float64)
     tokens = np.asarray(counts["tokens"], dtype=np.float64)[..., None]  # (..., 1) broadcasts over trees
-    split = _split_metrics(counts["node_visits"], counts["node_right"], epsilon)
-    routing_entropy, balance = split["routing_entropy"], split["balance"]
-    dead_nodes, frozen = split["dead"], split["frozen"]
+    out = calibrated_tree_numpy(counts["node_visits"], counts["node_right"], counts["leaf_visits"], counts["tokens"],
+                                layer.variant, th)  # fmt: skip
     with np.errstate(divide="ignore", invalid="ignore"):
         leaf_entropy = entropy_bits(leaves)
-        dead_leaves = (leaves == 0).sum(-1)
         if layer.variant == "leaf_mlp":
-            static = dead_leaves / 2**d
-            active = np.full_like(dead_leaves, 1 / 2**d, dtype=np.float64)
+            active = np.full_like(leaf_entropy, 1 / 2**d)
             firing = counts["leaf_fires"].sum(-1) / (tokens * layer.leaf_width)
         else:
-            static = (dead_nodes + dead_leaves) / (2 ** (d + 1) - 1)
-            active = np.full_like(dead_leaves, (d + 1) / (2 ** (d + 1) - 1), dtype=np.float64)
+            active = np.full_like(leaf_entropy, (d + 1) / (2 ** (d + 1) - 1))
             firing = (counts["node_fires"].sum(-1) + counts["leaf_fires"].sum(-1)) / (tokens * (d + 1))
-        return {
-            "routing_entropy": routing_entropy,
-            "balance": balance,
+        out.update({
             "leaf_entropy_norm": leaf_entropy / d if d > 0 else np.full_like(leaf_entropy, np.nan),
             "effective_leaves": np.exp2(leaf_entropy),
-            "dead_fraction": dead_nodes / nodes if nodes else np.full_like(leaf_entropy, np.nan),
-            "frozen_fraction": frozen / nodes if nodes else np.full_like(leaf_entropy, np.nan),
-            "static_fraction": static,
             "active_fraction": active,
             "firing_fraction": firing,
             "leaf_gini": gini(leaves),
-        }
+        })  # fmt: skip
+    return {name: out[name] for name in TREE_METRICS}
 
 
-def depth_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, epsilon: float = FROZEN_EPSILON) -> dict[str, np.ndarray]:
-    """Routing entropy, balance, dead and frozen fractions per depth level: arrays (..., T, d)."""
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("routing_entropy", "balance", "dead_fraction", "frozen_fraction")}
+def depth_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, th: Thresholds = DEFAULT) -> dict[str, np.ndarray]:
+    """Routing entropy, balance and the dead, undetermined and frozen fractions per depth level: arrays (..., T, d)."""
+    st = tree_states(counts["node_visits"], counts["node_right"], counts["leaf_visits"], counts["tokens"], th)
+    visits = np.asarray(counts["node_visits"], dtype=np.float64)
+    p = right_share(visits, counts["node_right"])
+    out: dict[str, list[np.ndarray]] = {k: [] for k in DEPTH_METRICS}
     for level in range(layer.depth):
         lo, hi = 2**level - 1, 2 ** (level + 1) - 1
-        split = _split_metrics(counts["node_visits"][..., lo:hi], counts["node_right"][..., lo:hi], epsilon)
-        out["routing_entropy"].append(split["routing_entropy"])
-        out["balance"].append(split["balance"])
-        out["dead_fraction"].append(split["dead"] / (hi - lo))
-        out["frozen_fraction"].append(split["frozen"] / (hi - lo))
+        state, live = st.states[..., lo:hi], st.states[..., lo:hi] == LIVE
+        weight = np.where(live, visits[..., lo:hi], 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["routing_entropy"].append(np.where(live, binary_entropy(p[..., lo:hi]), 0.0).sum(-1) / live.sum(-1))
+            out["balance"].append((weight * (1 - np.abs(2 * np.nan_to_num(p[..., lo:hi]) - 1))).sum(-1) / weight.sum(-1))
+        out["dead_fraction"].append((state == DEAD).sum(-1) / (hi - lo))
+        out["undetermined_fraction"].append((state == UNDETERMINED).sum(-1) / (hi - lo))
+        out["frozen_fraction"].append(st.frozen[..., lo:hi].sum(-1) / (hi - lo))
     return {k: np.stack(v, axis=-1) if v else np.zeros(counts["tokens"].shape + (layer.trees, 0)) for k, v in out.items()}
 
 
@@ -158,45 +152,71 @@ def select_layers(ds: xr.Dataset, layers: list[int] | None) -> list[LayerInfo]:
     return pick_layers(layer_infos(ds), layers)
 
 
-def summarize(ds: xr.Dataset, window: Window = (None, None), layers: list[int] | None = None,
-              epsilon: float = FROZEN_EPSILON) -> xr.Dataset:  # fmt: skip
-    """Window metrics per tree (dims layer, tree) and per layer (suffix-free, mean over trees)."""
+def summarize(ds: xr.Dataset, window: Window = LAST_QUARTER, layers: list[int] | None = None,
+              th: Thresholds = DEFAULT) -> xr.Dataset:  # fmt: skip
+    """Window metrics per tree (dims layer, tree), per depth (layer, depth) and per layer (suffix-free, mean
+    over trees). The default window is the last quarter of the run: how it routes now."""
     infos = select_layers(ds, layers)
     counts = window_counts(select_window(ds, window), SUMMARY_VARIABLES)
     max_trees = max(info.trees for info in infos)
     per_tree = {name: np.full((len(infos), max_trees), np.nan) for name in TREE_METRICS}
     max_depth = max(info.depth for info in infos)
-    per_depth = {name: np.full((len(infos), max_depth), np.nan) for name in ("routing_entropy", "balance", "dead_fraction", "frozen_fraction")}
+    per_depth = {name: np.full((len(infos), max_depth), np.nan) for name in DEPTH_METRICS}
     for row, info in enumerate(infos):
         layer_counts = layer_slice(counts, info, leading=0)
-        for name, value in tree_metrics_numpy(layer_counts, info, epsilon).items():
+        for name, value in tree_metrics_numpy(layer_counts, info, th).items():
             per_tree[name][row, : info.trees] = value
-        for name, value in depth_metrics_numpy(layer_counts, info, epsilon).items():
-            per_depth[name][row, : info.depth] = np.nanmean(value, axis=0) if value.size else []
+        for name, value in depth_metrics_numpy(layer_counts, info, th).items():
+            per_depth[name][row, : info.depth] = _tree_mean(value, axis=0) if value.size else []
     coords = {"layer": [info.index for info in infos]}
-    data = {name: (("layer",), np.nanmean(v, axis=1)) for name, v in per_tree.items()}
+    data = {name: (("layer",), _tree_mean(v, axis=1)) for name, v in per_tree.items()}
     data.update({f"tree_{name}": (("layer", "tree"), v) for name, v in per_tree.items()})
     data.update({f"depth_{name}": (("layer", "depth"), v) for name, v in per_depth.items()})
-    return xr.Dataset(data, coords=coords, attrs=window_bounds(select_window(ds, window)))
+    attrs = {**window_bounds(select_window(ds, window)), "window": describe_window(window), **th.as_dict()}
+    return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
-def node_table(ds: xr.Dataset, window: Window = (None, None)) -> xr.Dataset:
-    """Per node over the window: visits, split p_n, entropy, drift mu_n and spread sigma_n (layer, tree, node)."""
-    counts = window_counts(select_window(ds, window), COUNT_VARIABLES)
+def _tree_mean(values: np.ndarray, axis: int) -> np.ndarray:
+    """The plain mean over trees, leaving out trees where a metric is undefined (NaN; all NaN -> NaN, silently)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = np.isfinite(values)
+        return np.where(ok.any(axis), np.where(ok, values, 0).sum(axis) / ok.sum(axis), np.nan)
+
+
+def node_table(ds: xr.Dataset, window: Window = LAST_QUARTER, th: Thresholds = DEFAULT) -> xr.Dataset:
+    """Per node over the window: visits, split p_n, entropy, drift mu_n and spread sigma_n, the calibrated
+    state (0 dead, 1 undetermined, 2 live), frozen and its starved side (layer, tree, node); per leaf its
+    visits and state (layer, tree, leaf). Padding of shallower layers is NaN / -1."""
+    selected = select_window(ds, window)
+    counts = window_counts(selected, COUNT_VARIABLES + ("leaf_visits",))
     p = right_share(counts["node_visits"], counts["node_right"])
     mu, sigma = node_moments(counts["node_visits"], counts["node_act_sum"], counts["node_act_sqsum"])
-    dims = ("layer", "tree", "node")
-    return xr.Dataset({"visits": (dims, counts["node_visits"]), "p": (dims, p), "entropy": (dims, binary_entropy(p)),
-                       "mu": (dims, mu), "sigma": (dims, sigma)}, coords={k: ds[k].values for k in dims})  # fmt: skip
+    node_state = np.full(counts["node_visits"].shape, -1, dtype=np.int8)
+    leaf_state = np.full(counts["leaf_visits"].shape, -1, dtype=np.int8)
+    frozen = np.zeros(node_state.shape, dtype=bool)
+    starves_right = np.zeros(node_state.shape, dtype=bool)
+    for info in layer_infos(ds):
+        c = layer_slice(counts, info, leading=0)
+        st = tree_states(c["node_visits"], c["node_right"], c["leaf_visits"], c["tokens"], th)
+        nodes, t = 2**info.depth - 1, info.trees
+        node_state[info.index, :t, :nodes] = st.states[..., :nodes]
+        leaf_state[info.index, :t, : nodes + 1] = st.states[..., nodes:]
+        frozen[info.index, :t, :nodes], starves_right[info.index, :t, :nodes] = st.frozen, st.starves_right
+    dims, leaf_dims = ("layer", "tree", "node"), ("layer", "tree", "leaf")
+    data = {"visits": (dims, counts["node_visits"]), "p": (dims, p), "entropy": (dims, binary_entropy(p)), "mu": (dims, mu),
+            "sigma": (dims, sigma), "state": (dims, node_state), "frozen": (dims, frozen), "starves_right": (dims, starves_right),
+            "leaf_visits": (leaf_dims, counts["leaf_visits"]), "leaf_state": (leaf_dims, leaf_state)}  # fmt: skip
+    attrs = {**window_bounds(selected), "window": describe_window(window), **th.as_dict()}
+    return xr.Dataset(data, coords={k: ds[k].values for k in (*dims, "leaf")}, attrs=attrs)
 
 
 # ---------------------------------------------------------------------------------------------- over training
 
 
-def timeseries(ds: xr.Dataset, rolling: int | None = 10, layers: list[int] | None = None,
-               epsilon: float = FROZEN_EPSILON) -> xr.Dataset:  # fmt: skip
-    """Every tree metric as a curve over training: per interval, over the last `rolling` intervals
-    (rolling=None: cumulative from the start). Dims (step, layer); per tree as tree_<name>."""
+def timeseries(ds: xr.Dataset, rolling: int | None = PERSISTENCE, layers: list[int] | None = None,
+               th: Thresholds = DEFAULT) -> xr.Dataset:  # fmt: skip
+    """Every tree metric as a curve over training: per interval, over the last `rolling` intervals (default
+    K = 5; rolling=None: cumulative from the start). Dims (step, layer); per tree as tree_<name>."""
     infos = select_layers(ds, layers)
     names = SUMMARY_VARIABLES
     steps = ds["step"].values
@@ -205,12 +225,12 @@ def timeseries(ds: xr.Dataset, rolling: int | None = 10, layers: list[int] | Non
     for at, sums in rolling_sums(ds, names, rolling):
         n = len(sums["tokens"])
         for row, info in enumerate(infos):
-            for name, value in tree_metrics_numpy(layer_slice(sums, info, leading=1), info, epsilon).items():
+            for name, value in tree_metrics_numpy(layer_slice(sums, info, leading=1), info, th).items():
                 out[name][at : at + n, row, : info.trees] = value
     coords = {"step": steps, "layer": [info.index for info in infos]}
-    data = {name: (("step", "layer"), np.nanmean(v, axis=2)) for name, v in out.items()}
+    data = {name: (("step", "layer"), _tree_mean(v, axis=2)) for name, v in out.items()}
     data.update({f"tree_{name}": (("step", "layer", "tree"), v) for name, v in out.items()})
-    return xr.Dataset(data, coords=coords, attrs={"rolling": rolling if rolling is not None else "cumulative"})
+    return xr.Dataset(data, coords=coords, attrs={"rolling": rolling if rolling is not None else "cumulative", **th.as_dict()})
 
 
 def first_step_where(curve: xr.DataArray, condition: Any) -> xr.DataArray:

@@ -17,8 +17,10 @@ import xarray as xr
 
 BLOCK_BYTES = 64 * 1024 * 1024  # rows of the file read at once when streaming
 
-Window = tuple[int | None, int | None]
+Window = tuple[int | None, int | None] | str  # (start, end) of steps, or LAST_QUARTER
 T = TypeVar("T")
+LAST_QUARTER = "last-quarter"  # the default window: the last quarter of the run's intervals (at least one)
+ALL = (None, None)
 
 
 class MetricsError(ValueError):
@@ -26,12 +28,16 @@ class MetricsError(ValueError):
 
 
 def parse_window(text: str | None) -> Window:
-    """'a:b', 'a:', ':b' or None -> (start, end) of a half-open window of steps [start, end)."""
-    if text is None or text.strip() in ("", ":"):
-        return (None, None)
+    """'a:b', 'a:', ':b' -> (start, end) of a half-open window of steps [start, end); 'all' or ':' -> the
+    whole run; None or 'last-quarter' -> LAST_QUARTER (the default: how the run routes now)."""
+    if text is None or text.strip().lower() == LAST_QUARTER:
+        return LAST_QUARTER
+    if text.strip().lower() in ("all", "", ":"):
+        return ALL
     parts = text.split(":")
     if len(parts) != 2:
-        raise MetricsError(f"window {text!r} must look like START:END (either may be left out), e.g. 100:500")
+        raise MetricsError(f"window {text!r} must look like START:END (either may be left out, e.g. 100:500), "
+                           "'all' or 'last-quarter'")
     try:
         start, end = (int(p) if p.strip() else None for p in parts)
     except ValueError:
@@ -39,9 +45,35 @@ def parse_window(text: str | None) -> Window:
     return start, end
 
 
+def last_quarter(steps: np.ndarray) -> tuple[int | None, int | None]:
+    """The window of the last quarter of these intervals, rounded up to at least one interval."""
+    if len(steps) == 0:
+        return ALL
+    return (int(steps[len(steps) - max(1, -(-len(steps) // 4))]), None)
+
+
+def resolve_window(steps: np.ndarray, window: Window) -> tuple[int | None, int | None]:
+    """(start, end) of any window for a run whose intervals close at `steps` (LAST_QUARTER made concrete)."""
+    if isinstance(window, str):
+        if window != LAST_QUARTER:
+            return resolve_window(steps, parse_window(window))
+        return last_quarter(steps)
+    return window
+
+
+def describe_window(window: Window) -> str:
+    """How a window was asked for, for headers and JSON: 'last-quarter', 'all' or 'START:END'."""
+    if isinstance(window, str):
+        return window
+    start, end = window
+    if start is None and end is None:
+        return "all"
+    return f"{'' if start is None else start}:{'' if end is None else end}"
+
+
 def in_window(steps: np.ndarray, window: Window) -> np.ndarray:
     """Boolean mask of the steps inside the half-open window [start, end) (None: unbounded)."""
-    start, end = window
+    start, end = resolve_window(steps, window)
     keep = np.ones(len(steps), dtype=bool)
     if start is not None:
         keep &= steps >= start
@@ -52,8 +84,8 @@ def in_window(steps: np.ndarray, window: Window) -> np.ndarray:
 
 def select_window(ds: xr.Dataset, window: Window = (None, None)) -> xr.Dataset:
     """The intervals whose closing step lies in [start, end); clear errors for empty or bad windows."""
-    start, end = window
     steps = ds["step"].values
+    start, end = window = resolve_window(steps, window)
     if len(steps) == 0:
         state = ds.attrs.get("run_state", "running")
         if state in ("finished", "interrupted", "failed"):
