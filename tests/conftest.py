@@ -67,6 +67,15 @@ def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
                           timeout=timeout, env=env, **kwargs)  # fmt: skip
 
 
+def walk_components(component):  # type: ignore[no-untyped-def]
+    """Every Dash component under `component` (itself first), for tests that look a control up by id."""
+    yield component
+    children = getattr(component, "children", None)
+    for child in children if isinstance(children, list) else [children] if children is not None else []:
+        if hasattr(child, "to_plotly_json"):
+            yield from walk_components(child)
+
+
 @pytest.fixture(scope="session")
 def debug_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real recorded run of the `debug` preset (made once per test session)."""

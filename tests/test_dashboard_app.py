@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 import pytest
+from conftest import walk_components
 
 import routescope
 from routescope.analysis import WarningReport
@@ -127,18 +128,10 @@ def test_dashboard_drift_says_whose_warnings_and_the_verdict(app) -> None:
 
 
 def test_dashboard_defaults_to_state_colouring_and_the_last_quarter(app) -> None:
-    components = {getattr(c, "id", None): c for c in _walk(app.layout)}
+    components = {getattr(c, "id", None): c for c in walk_components(app.layout)}
     assert components["color-by"].value == "state" and next(iter(F.NODE_COLORINGS)) == "state"
     assert components["tree-window"].value == LAST_QUARTER
     assert [o["value"] for o in components["tree-window"].options] == [LAST_QUARTER, "all", "step"]
-
-
-def _walk(component):
-    yield component
-    children = getattr(component, "children", None)
-    for child in children if isinstance(children, list) else [children] if children is not None else []:
-        if hasattr(child, "to_plotly_json"):
-            yield from _walk(child)
 
 
 def _write_tree_run(path: Path, depth: int, intervals: list[np.ndarray]) -> Path:

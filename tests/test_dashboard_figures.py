@@ -9,21 +9,11 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
+from test_metrics import counts_from_leaves
 
 from routescope.analysis import WarningReport
 from routescope.analysis.calibrated import DEAD, DEFAULT, LIVE, UNDETERMINED, Thresholds, tree_states
 from routescope.dashboards import figures as F
-
-
-def counts_from_leaves(leaves: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """Node visits and right counts (..., 2^d - 1) implied by leaf visits (..., 2^d): a consistent tree."""
-    heap = np.zeros(leaves.shape[:-1] + (2 ** (depth + 1) - 1,), dtype=np.int64)
-    heap[..., 2**depth - 1 :] = leaves
-    for node in range(2**depth - 2, -1, -1):
-        heap[..., node] = heap[..., 2 * node + 1] + heap[..., 2 * node + 2]
-    nodes = 2**depth - 1
-    return heap[..., :nodes], heap[..., 2 * np.arange(nodes) + 2]
-
 
 # ---- a depth-3 tree that 10,000 tokens entered, in all three calibrated states ---------------------------
 # Heap numbering: children of n are 2n+1, 2n+2; leaf j hangs under node (7 + j - 1) // 2, so

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
+from conftest import walk_components
 
 from routescope.dashboards import figures as F
 from routescope.dashboards import figures_families as FF
@@ -39,18 +40,10 @@ def test_tree_dropdown_acts_on_path_usage(debug_run: Path) -> None:
 
 def test_slider_shows_steps_from_the_start_and_has_no_index_box(debug_run: Path) -> None:
     app = create_app([debug_run])
-    slider = next(c for c in _walk(app.layout) if getattr(c, "id", None) == "step")
+    slider = next(c for c in walk_components(app.layout) if getattr(c, "id", None) == "step")
     steps = app.board.sources[0].steps
     assert slider.marks and set(slider.marks.values()) <= {str(int(s)) for s in steps} and str(int(steps[-1])) in slider.marks.values()
     assert getattr(slider, "allow_direct_input", False) is False
-
-
-def _walk(component):
-    yield component
-    children = getattr(component, "children", None)
-    for child in children if isinstance(children, list) else [children] if children is not None else []:
-        if hasattr(child, "to_plotly_json"):
-            yield from _walk(child)
 
 
 def test_tokens_tab_on_a_run_without_trees(family_runs: dict[str, Path], tmp_path: Path) -> None:
