@@ -224,6 +224,24 @@ def info(
     print_info(console, summary)
 
 
+# The calibrated tests' thresholds (docs/metrics.md, "Thresholds"), options of `report` and `dash`
+DeltaOption = Annotated[Optional[float], typer.Option(help="Dead: the reach is provably under DELTA of the balanced share "
+                                                           "(default 0.05).")]  # fmt: skip
+AlphaOption = Annotated[Optional[float], typer.Option(help="One-sided error of each Clopper–Pearson bound (default 0.05).")]
+EpsilonOption = Annotated[Optional[float], typer.Option(help="Frozen: the minority child provably gets under EPSILON "
+                                                             "(default 0.01).")]  # fmt: skip
+PersistenceOption = Annotated[Optional[int], typer.Option(help="K: intervals per rolling window, and windows a death must "
+                                                               "persist (default 5).")]  # fmt: skip
+
+
+def _thresholds(delta: float | None, alpha: float | None, epsilon: float | None, persistence: int | None):  # type: ignore[no-untyped-def]
+    """analysis.Thresholds from the options given (the defaults for the rest); MetricsError when out of range."""
+    from routescope.analysis.calibrated import Thresholds
+
+    given = {"delta": delta, "alpha": alpha, "epsilon": epsilon, "persistence": persistence}
+    return Thresholds(**{k: v for k, v in given.items() if v is not None})
+
+
 @app.command()
 def report(
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Run file(s); several are compared side by side.")] = None,
@@ -236,13 +254,10 @@ def report(
     group: Annotated[Optional[list[str]], typer.Option("--group", "-g", help="NAME=GLOB: a group of runs (seeds of one "
                      "arm); repeat for more groups. Prints each metric's mean and 95% interval per group, and Welch's t "
                      "and a permutation p-value between groups.")] = None,  # fmt: skip
-    delta: Annotated[Optional[float], typer.Option(help="Dead: the reach is provably under DELTA of the balanced share "
-                                                        "[default: 0.05].")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="One-sided error of each Clopper–Pearson bound [default: 0.05].")] = None,
-    epsilon: Annotated[Optional[float], typer.Option(help="Frozen: the minority child provably gets under EPSILON "
-                                                          "[default: 0.01].")] = None,
-    persistence: Annotated[Optional[int], typer.Option(help="K: intervals per rolling window, and windows a death must "
-                                                            "persist [default: 5].")] = None,
+    delta: DeltaOption = None,
+    alpha: AlphaOption = None,
+    epsilon: EpsilonOption = None,
+    persistence: PersistenceOption = None,
 ) -> None:
     """Routing metrics per layer over a window of steps (default: the last quarter of the run): tree entropy,
     balance, calibrated dead/undetermined/frozen/static fractions, pruned roots; L1 active units and dead
@@ -260,8 +275,7 @@ def report(
     if not paths and not group:
         fail("give run files to report, or --group NAME=GLOB for groups of runs (see routescope report --help)")
     try:
-        given = {"delta": delta, "alpha": alpha, "epsilon": epsilon, "persistence": persistence}
-        th = Thresholds(**{k: v for k, v in given.items() if v is not None})
+        th = _thresholds(delta, alpha, epsilon, persistence)
         bounds = parse_window(window)
         if group:
             _report_groups(group, list(paths or []), bounds, layer, th, as_json)
@@ -322,8 +336,13 @@ def dash(
     host: Annotated[str, typer.Option(help="Address to bind; anything but 127.0.0.1 exposes your runs to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8050,
     interval: Annotated[float, typer.Option(help="Seconds between checks for new intervals (live runs).")] = 2.0,
+    delta: DeltaOption = None,
+    alpha: AlphaOption = None,
+    epsilon: EpsilonOption = None,
+    persistence: PersistenceOption = None,
 ) -> None:
     """Open the interactive dashboard (trees: paths, curves, drift, tokens; L1 units; MoE experts; run comparison) in a browser."""
+    from routescope.analysis.window import MetricsError
     from routescope.dashboards.app import create_app, is_loopback
 
     if not 1 <= port <= 65535:
@@ -331,8 +350,8 @@ def dash(
     if interval <= 0:
         fail(f"--interval must be positive, got {interval}")
     try:
-        app_ = create_app(paths, interval)
-    except RunFileError as err:
+        app_ = create_app(paths, interval, _thresholds(delta, alpha, epsilon, persistence))
+    except (RunFileError, MetricsError) as err:
         fail(str(err))
     try:
         socket.getaddrinfo(host, port)

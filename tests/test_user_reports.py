@@ -257,3 +257,21 @@ def test_the_distributions_hdf5_and_netcdf_tools_read_a_run(debug_run: Path, fam
     assert run_cli("repair", str(killed)).returncode == 0
     assert readable_by_the_tools(killed)  # a killed run, once repaired, opens in every tool
 
+
+
+def test_threshold_options_reach_the_report_and_bad_ones_are_one_line(debug_run: Path, tmp_path: Path) -> None:
+    """Depth 1, 200 tokens, all sent left: the silent right leaf is dead at α = 0.05 ((1 − δ/2)^200 < 0.05) but
+    only undetermined at α = 0.001 ((1 − δ/2)^200 > 0.001): the option reaches the tests."""
+    from test_metrics import write_run
+
+    assert 0.975**200 < 0.05 and 0.975**200 > 0.001
+    path = write_run(tmp_path / "edge.h5", 1, [np.array([[200, 0]])])
+    default = json.loads(run_cli("report", str(path), "--json").stdout)
+    strict = json.loads(run_cli("report", str(path), "--json", "--alpha", "0.001").stdout)
+    assert default["thresholds"]["alpha"] == 0.05 and strict["thresholds"]["alpha"] == 0.001
+    assert default["layers"][0]["static_fraction"] == pytest.approx(1 / 3) and strict["layers"][0]["static_fraction"] == 0
+    for command, option, message in (("report", "--alpha=2", "alpha"), ("report", "--persistence=0", "persistence"),
+                                      ("dash", "--delta=0", "delta"), ("info", "--window=x", "START:END")):  # fmt: skip
+        result = run_cli(command, str(debug_run), option)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
