@@ -262,7 +262,6 @@ def report(
     """Routing metrics per layer over a window of steps (default: the last quarter of the run): tree entropy,
     balance, calibrated dead/undetermined/frozen/static fractions, pruned roots; L1 active units and dead
     units; MoE expert load, router entropy, drops. Definitions: docs/metrics.md and docs/report-json.md."""
-    from routescope.analysis.calibrated import Thresholds
     from routescope.analysis.report import (
         build_report,
         compare_table,
