@@ -275,3 +275,14 @@ def test_threshold_options_reach_the_report_and_bad_ones_are_one_line(debug_run:
         result = run_cli(command, str(debug_run), option)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_info_says_how_the_run_routes_now(debug_run: Path) -> None:
+    """`info` summarises the calibrated states over the last quarter, the same numbers `report` gives."""
+    info = json.loads(run_cli("info", str(debug_run), "--json").stdout)["routing"]
+    report = json.loads(run_cli("report", str(debug_run), "--json").stdout)
+    assert info["window"] == report["window"] and info["window"]["span"] == "last-quarter"
+    assert info["families"]["tree"] == {key: report["families"]["tree"][key] for key in info["families"]["tree"]}
+    assert set(info["families"]["tree"]) == {"dead_fraction", "undetermined_fraction", "frozen_fraction", "static_fraction"}
+    text = run_cli("info", str(debug_run)).stdout
+    assert "the last quarter" in text and "undetermined fraction" in text
