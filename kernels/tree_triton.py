@@ -286,8 +286,13 @@ def tree_backward(
         STAGES=cfg.num_stages, **cfg.launch_options(),
     )  # fmt: skip
     if ntop:
-        du[:, :ntop] = torch.matmul(atop.transpose(1, 2)[:, :ntop], dy)  # (T, ntop, d_out)
-        dw[:, :ntop] = torch.matmul(dztop.transpose(1, 2)[:, :ntop], x)
+        # One 2-D product over every tree's top units, not one batched product per tree: with M = TOPW rows and
+        # K = n tokens, a batched GEMM fills a handful of tiles (0.19 ms a call on an H200 at 16k tokens, 20% of a
+        # bf16 training step's GPU time at the GPU preset); the 2-D one lets cuBLAS split the long token axis.
+        a2 = atop.permute(1, 0, 2).reshape(n, trees * split.topw)
+        dz2 = dztop.permute(1, 0, 2).reshape(n, trees * split.topw)
+        du[:, :ntop] = (a2.t() @ dy).view(trees, split.topw, d_out)[:, :ntop]  # (T, ntop, d_out)
+        dw[:, :ntop] = (dz2.t() @ x).view(trees, split.topw, d_in)[:, :ntop]
         if db is not None:
             db[:, :ntop] = dztop[:, :, :ntop].float().sum(1)
     return dx.to(x.dtype), dw, db, du

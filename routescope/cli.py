@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from routescope.cli_options import AlphaOption, DeltaOption, EpsilonOption, PersistenceOption, thresholds
 from routescope.info_text import human_size
 from routescope.store.format import RunFileError, first_line
 
@@ -60,6 +61,12 @@ def record(
                            "OUT's disk: with less, recording stops cleanly (default: 1 MiB + 2 intervals; 0: off).")] = None,
     fsync: Annotated[bool, typer.Option("--fsync", help="Sync each interval to the disk (survives a power loss, "
                                         "not only a killed process).")] = False,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 | fp32")] = "auto",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model (inductor); the first steps "
+                                           "compile.")] = False,  # fmt: skip
+    checkpoint_minutes: Annotated[float, typer.Option(min=0, help="Minutes of training between checkpoints "
+                                  "(RUN.ckpt.pt, at an interval end; 0: every interval). A kill loses at most this "
+                                  "much training; the run file keeps every interval.")] = 10.0,  # fmt: skip
 ) -> None:
     """Train a preset on the embedded Shakespeare corpus and record its routing to an HDF5 run file."""
     from routescope.trainers.presets import PRESETS, get_preset
@@ -104,10 +111,14 @@ def record(
     try:
         reserve = None if reserve_mib is None else int(reserve_mib * 2**20)
         result = train(cfg, out=out, device=device, overwrite=overwrite, checkpoint=True, resume=resume is not None,
-                       reserve_bytes=reserve, fsync=fsync)  # fmt: skip
+                       reserve_bytes=reserve, fsync=fsync, precision=precision, compile=compile_,
+                       checkpoint_minutes=checkpoint_minutes)  # fmt: skip
     except KeyboardInterrupt:
-        fail(f"interrupted; {out} holds every interval recorded so far (marked 'interrupted'); "
-             f"continue it with `routescope record --resume {out}`")  # fmt: skip
+        if out.with_suffix(".ckpt.pt").exists():
+            fail(f"interrupted; {out} holds every interval recorded so far (marked 'interrupted'); continue it with "
+                 f"`routescope record --resume {out}` (from its last checkpoint: intervals after it are trained again)")
+        fail(f"interrupted before the first training checkpoint (one every --checkpoint-minutes, default 10); {out} "
+             "holds every interval recorded so far (marked 'interrupted') but cannot be resumed; record it again")
     except (ValueError, RunFileError) as err:
         fail(str(err))
     except (RecorderError, OSError) as err:  # a full disk: the run file's writer, or the training checkpoint
@@ -121,7 +132,9 @@ def record(
     size = out.stat().st_size
     console.print(
         f"val loss {result.initial_val_loss:.3f} → {result.final_val_loss:.3f} in {result.seconds:.0f} s "
-        f"({result.tokens_per_second / 1000:.1f}k tokens/s)"
+        f"({result.tokens_per_second / 1000:.1f}k tokens/s, {result.precision}"
+        + (f", MFU {100 * result.mfu:.1f}% of the device's dense {result.precision} peak" if result.mfu is not None else "")
+        + f"; {result.flops_per_token / 1e6:.1f} MFLOP per token)"
     )
     console.print(f"wrote [bold]{out}[/] ({human_size(size)})")
     console.print(f"next: [cyan]routescope info {out}[/]")
@@ -224,24 +237,6 @@ def info(
     print_info(console, summary)
 
 
-# The calibrated tests' thresholds (docs/metrics.md, "Thresholds"), options of `report` and `dash`
-DeltaOption = Annotated[Optional[float], typer.Option(help="Dead: the reach is provably under DELTA of the balanced share "
-                                                           "(default 0.05).")]  # fmt: skip
-AlphaOption = Annotated[Optional[float], typer.Option(help="One-sided error of each Clopper–Pearson bound (default 0.05).")]
-EpsilonOption = Annotated[Optional[float], typer.Option(help="Frozen: the minority child provably gets under EPSILON "
-                                                             "(default 0.01).")]  # fmt: skip
-PersistenceOption = Annotated[Optional[int], typer.Option(help="K: intervals per rolling window, and windows a death must "
-                                                               "persist (default 5).")]  # fmt: skip
-
-
-def _thresholds(delta: float | None, alpha: float | None, epsilon: float | None, persistence: int | None):  # type: ignore[no-untyped-def]
-    """analysis.Thresholds from the options given (the defaults for the rest); MetricsError when out of range."""
-    from routescope.analysis.calibrated import Thresholds
-
-    given = {"delta": delta, "alpha": alpha, "epsilon": epsilon, "persistence": persistence}
-    return Thresholds(**{k: v for k, v in given.items() if v is not None})
-
-
 @app.command()
 def report(
     paths: Annotated[Optional[list[Path]], typer.Argument(help="Run file(s); several are compared side by side.")] = None,
@@ -274,7 +269,7 @@ def report(
     if not paths and not group:
         fail("give run files to report, or --group NAME=GLOB for groups of runs (see routescope report --help)")
     try:
-        th = _thresholds(delta, alpha, epsilon, persistence)
+        th = thresholds(delta, alpha, epsilon, persistence)
         bounds = parse_window(window)
         if group:
             _report_groups(group, list(paths or []), bounds, layer, th, as_json)
@@ -349,7 +344,7 @@ def dash(
     if interval <= 0:
         fail(f"--interval must be positive, got {interval}")
     try:
-        app_ = create_app(paths, interval, _thresholds(delta, alpha, epsilon, persistence))
+        app_ = create_app(paths, interval, thresholds(delta, alpha, epsilon, persistence))
     except (RunFileError, MetricsError) as err:
         fail(str(err))
     try:

@@ -97,7 +97,7 @@ def test_resume_after_clean_finish(finished: Path, tmp_path: Path) -> None:
 def test_resume_after_signal(tmp_path: Path, sig: int) -> None:
     path = tmp_path / "run.h5"
     child = subprocess.Popen([sys.executable, "-m", "routescope.cli", "record", *DEBUG, "--steps", "100000",
-                              "--every", "2", "--out", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+                              "--every", "2", "--checkpoint-minutes", "0", "--out", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     ckpt = path.with_suffix(".ckpt.pt")
     deadline = time.monotonic() + 60
     while not (ckpt.exists() and ckpt_step(path) >= 6):

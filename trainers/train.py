@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import errno
+import math
 import os
 import shutil
 import time
@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from routescope.layers import aux_loss
 from routescope.record.recorder import Recorder
@@ -25,6 +32,10 @@ from routescope.trainers.model import GPT, GPTConfig
 from routescope.trainers.presets import TrainConfig
 
 LOG_EVERY = 10  # steps between progress-bar loss updates (each one is a host sync)
+CHECKPOINT_MINUTES = 10.0  # wall time between training checkpoints (and one at the end)
+PRECISIONS = ("auto", "bf16", "fp32")
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) for the MFU line, by a substring of the device name
+BF16_PEAK_FLOPS = (("H200", 989.4e12), ("H100 PCIe", 756.5e12), ("H100", 989.4e12), ("A100", 312e12), ("L40S", 362.1e12))
 
 
 @dataclass
@@ -36,10 +47,18 @@ class TrainResult:
     final_val_loss: float
     final_train_loss: float
     path: Path | None
+    precision: str = "fp32"
+    flops_per_token: float = float("nan")  # model FLOPs of one token's forward and backward (6 × active weights + attention)
+    peak_flops: float | None = None  # the device's dense peak at this precision, where known
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def mfu(self) -> float | None:
+        """Model FLOPs utilisation: achieved model FLOP/s over the device's peak (None where the peak is unknown)."""
+        return self.tokens_per_second * self.flops_per_token / self.peak_flops if self.peak_flops else None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -49,6 +68,30 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but this machine has no CUDA device; use --device cpu")
     return torch.device(device)
+
+
+def resolve_precision(precision: str, dev: torch.device) -> str:
+    """'auto' is bf16 autocast on CUDA and fp32 on the CPU; bf16 on the CPU is refused (no fast path there)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if dev.type == "cuda" else "fp32"
+    if precision == "bf16" and dev.type != "cuda":
+        raise ValueError("--precision bf16 needs a CUDA device; on the CPU training runs in fp32 (--precision fp32)")
+    return precision
+
+
+def autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The forward pass's precision context: bf16 autocast (weights and optimizer stay fp32) or nothing."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def peak_flops(dev: torch.device, precision: str) -> float | None:
+    """The device's dense bf16 peak FLOP/s where known (BF16_PEAK_FLOPS); None on the CPU or in fp32."""
+    if dev.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    return next((flops for key, flops in BF16_PEAK_FLOPS if key in name), None)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -106,14 +149,15 @@ def _sync(path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, corpus: Corpus, cfg: TrainConfig, device: torch.device) -> float:
+def evaluate(model: GPT, corpus: Corpus, cfg: TrainConfig, device: torch.device, precision: str = "fp32") -> float:
     """Mean validation loss over cfg.eval_batches fixed batches (same batches every call)."""
     model.eval()
     generator = torch.Generator().manual_seed(1234)
     losses = []
     for _ in range(cfg.eval_batches):
-        x, y = corpus.batch("val", cfg.batch_size, cfg.model.seq_len, generator)
-        losses.append(model(x.to(device), y.to(device))[1])
+        x, y = corpus.batch("val", cfg.batch_size, cfg.model.seq_len, generator, device)
+        with autocast(device, precision):
+            losses.append(model(x, y)[1].float())
     model.train()
     return torch.stack(losses).mean().item()
 
@@ -128,18 +172,29 @@ def train(
     resume: bool = False,
     reserve_bytes: int | None = None,
     fsync: bool = False,
+    precision: str = "auto",
+    compile: bool = False,
+    checkpoint_minutes: float = CHECKPOINT_MINUTES,
 ) -> TrainResult:
     """Train the preset's model on the corpus; record routing to `out` when given.
 
-    checkpoint: save model, optimizer, step and RNG states to RUN.ckpt.pt at each interval end.
+    checkpoint: save model, optimizer, step and RNG states to RUN.ckpt.pt at the first interval end after
+    every `checkpoint_minutes` of wall time (0: at every interval end) and at the last step.
     resume: continue from that checkpoint, appending to `out` (README, "How resume works").
     reserve_bytes: the Recorder's free-space reserve (None: its default; 0: no check). fsync: the Recorder's.
+    precision: "auto" (bf16 autocast on CUDA, fp32 on the CPU), "bf16" or "fp32". compile: torch.compile the
+    training forward (inductor). On CUDA the optimizer is the fused AdamW and batches are gathered on the device.
     """
+    if checkpoint_minutes < 0:
+        raise ValueError(f"--checkpoint-minutes must be 0 or more, got {checkpoint_minutes}")
     torch.manual_seed(cfg.seed)
     dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
     corpus = Corpus.shakespeare()
     model = GPT(cfg.model).to(dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0,
+                                  fused=True if dev.type == "cuda" else None)  # fmt: skip
+    forward = torch.compile(model) if compile else model
     generator = torch.Generator().manual_seed(cfg.seed)
     tokens_per_step = cfg.batch_size * cfg.model.seq_len
     ckpt = checkpoint_path(out) if out is not None else None
@@ -162,8 +217,9 @@ def train(
         first = state["step"] + 1
     recorder = (
         Recorder(model, out, every=cfg.record_every, sample_tokens=cfg.sample_tokens,
-                 config={"preset": cfg.to_dict(), "device": str(dev)}, overwrite=overwrite, resume=resume,
-                 resume_step=first - 1 if resume else None, config_may_differ=("preset.steps", "device"),
+                 config={"preset": cfg.to_dict(), "device": str(dev), "precision": precision}, overwrite=overwrite,
+                 resume=resume, resume_step=first - 1 if resume else None,
+                 config_may_differ=("preset.steps", "device", "precision"),
                  reserve_bytes=reserve_bytes, fsync=fsync)  # fmt: skip
         if out is not None
         else None
@@ -178,31 +234,34 @@ def train(
     start = time.perf_counter()
     with _started(recorder) as rec, progress:
         if state is None:
-            initial_val = evaluate(model, corpus, cfg, dev)
+            initial_val = evaluate(model, corpus, cfg, dev, precision)
             val = initial_val
         else:
             initial_val, val = state["initial_val_loss"], state["val_loss"]
         task = progress.add_task("train", total=cfg.steps, info=f"val {initial_val:.3f}", completed=first - 1)
+        saved_at = time.monotonic()
         for step in range(first, cfg.steps + 1):
             lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = corpus.batch("train", cfg.batch_size, cfg.model.seq_len, generator)
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            _, loss = model(x, y)
+            x, y = corpus.batch("train", cfg.batch_size, cfg.model.seq_len, generator, dev)
+            with autocast(dev, precision):
+                _, loss = forward(x, y)
             optimizer.zero_grad(set_to_none=True)
             # The routed layers' own terms (L1 penalty, MoE balance loss); the recorded loss is the task's alone.
             (loss + aux_loss(model)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val = evaluate(model, corpus, cfg, dev)
+                val = evaluate(model, corpus, cfg, dev, precision)
                 if rec is not None:
                     rec.log(val_loss=val)
             if rec is not None:
                 rec.step(loss=loss, token_ids=x, lr=lr)
-            if checkpoint and ckpt is not None and (step % cfg.record_every == 0 or step == cfg.steps):
+            due = step % cfg.record_every == 0 and time.monotonic() - saved_at >= checkpoint_minutes * 60
+            if checkpoint and ckpt is not None and (due or step == cfg.steps):  # at interval ends: resume needs them
                 save_checkpoint(ckpt, model, optimizer, step, generator, val, initial_val, fsync=fsync)
+                saved_at = time.monotonic()
             if step % LOG_EVERY == 0 or step == cfg.steps:
                 train_loss = loss.item()
                 rate = (step - first + 1) * tokens_per_step / (time.perf_counter() - start)
@@ -213,7 +272,8 @@ def train(
     seconds = time.perf_counter() - start
     trained = cfg.steps - first + 1
     return TrainResult(trained, trained * tokens_per_step, seconds, initial_val, val, train_loss,
-                       Path(out) if out is not None else None)  # fmt: skip
+                       Path(out) if out is not None else None, precision, model.flops_per_token(),
+                       peak_flops(dev, precision))  # fmt: skip
 
 
 @contextlib.contextmanager
