@@ -18,6 +18,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,29 +37,42 @@ CONFIGS = {  # name: (tree model, dense width, batch size)
 MODES = ("fp32 eager", "bf16 eager", "bf16 compiled", "bf16 compiled + record/25")
 
 
-def step_times(cfg: GPTConfig, batch: int, mode: str, steps: int, warmup: int, out: Path) -> dict[str, float]:
-    """Median ms per training step of one model in one mode, and its peak memory (GiB)."""
+def training_step(cfg: GPTConfig, batch: int, mode: str) -> tuple[GPT, str, Callable[[], torch.Tensor]]:
+    """A fresh model on the GPU and one training step of it in `mode` (forward under the mode's precision,
+    backward, clip, fused AdamW) on a fixed random batch; returns (model, precision, step -> loss)."""
     torch.manual_seed(0)
     dev = torch.device("cuda")
     model = GPT(cfg).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     precision = "fp32" if mode.startswith("fp32") else "bf16"
     forward = torch.compile(model) if "compiled" in mode else model
-    recorder = Recorder(model, out, every=25, sample_tokens=0, overwrite=True) if "record" in mode else None
-    if recorder is not None:
-        recorder.start()
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device=dev)
-    times = []
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def step() -> torch.Tensor:
         with autocast(dev, precision):
             _, loss = forward(x[:, :-1], x[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        return loss
+
+    return model, precision, step
+
+
+def step_times(cfg: GPTConfig, batch: int, mode: str, steps: int, warmup: int, out: Path) -> dict[str, float]:
+    """Median ms per training step of one model in one mode, and its peak memory (GiB)."""
+    model, precision, step = training_step(cfg, batch, mode)
+    dev = torch.device("cuda")
+    recorder = Recorder(model, out, every=25, sample_tokens=0, overwrite=True) if "record" in mode else None
+    if recorder is not None:
+        recorder.start()
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = step()
         if recorder is not None:
             recorder.step(loss=loss)
         end.record()
@@ -79,21 +93,7 @@ def profile_step(cfg: GPTConfig, batch: int, mode: str, rows: int = 14) -> None:
     time the GPU is busy (the rest is the host launching, or waiting)."""
     from torch.profiler import ProfilerActivity, profile
 
-    dev = torch.device("cuda")
-    model = GPT(cfg).to(dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    forward = torch.compile(model) if "compiled" in mode else model
-    precision = "fp32" if mode.startswith("fp32") else "bf16"
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1), device=dev)
-
-    def step() -> None:
-        with autocast(dev, precision):
-            _, loss = forward(x[:, :-1], x[:, 1:])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-
+    _, _, step = training_step(cfg, batch, mode)
     for _ in range(5):
         step()
     torch.cuda.synchronize()
