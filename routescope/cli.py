@@ -281,8 +281,10 @@ def report(
         print(json.dumps(reports[0] if len(reports) == 1 else {"runs": reports}, indent=2))
     elif len(reports) == 1:
         console.print(report_table(reports[0]))
-        if events:
+        if events and "events" in reports[0]:
             console.print(events_summary(reports[0]["events"]))
+        elif events:
+            console.print("events: pruning events and the early warning are about tree layers; this report has none")
     else:
         console.print(compare_table(reports))
         families = list(dict.fromkeys(layer["family"] for r in reports for layer in r["layers"]))

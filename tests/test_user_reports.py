@@ -286,3 +286,12 @@ def test_info_says_how_the_run_routes_now(debug_run: Path) -> None:
     assert set(info["families"]["tree"]) == {"dead_fraction", "undetermined_fraction", "frozen_fraction", "static_fraction"}
     text = run_cli("info", str(debug_run)).stdout
     assert "the last quarter" in text and "undetermined fraction" in text
+
+
+def test_events_on_a_run_without_tree_layers_say_so(family_runs: dict[str, Path]) -> None:
+    for family in ("l1", "moe"):
+        result = run_cli("report", str(family_runs[family]), "--events")
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+        assert "about tree layers; this report has none" in result.stdout
+        as_json = json.loads(run_cli("report", str(family_runs[family]), "--events", "--json").stdout)
+        assert "events" not in as_json  # documented: only with at least one reported tree layer
