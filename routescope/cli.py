@@ -128,6 +128,9 @@ def record(
             fail(f"cannot write {out} ({what}); choose another --out")
         if not out.exists():
             fail(f"{what}; {out} was not created, so nothing was recorded")
+        if not out.with_suffix(".ckpt.pt").exists():
+            fail(f"{what}; {out} keeps what was recorded, but no training checkpoint was written yet (one every "
+                 "--checkpoint-minutes), so it cannot be resumed: once there is room, record it again")  # fmt: skip
         fail(f"{what}; once there is room, continue with `routescope record --resume {out}`")
     size = out.stat().st_size
     console.print(

@@ -183,3 +183,21 @@ def test_one_writer_per_file(tmp_path: Path) -> None:
         assert f["run/step"][:].tolist() == [1, 2, 3, 4, 5]
         assert f["tree/tokens"][:].tolist() == [4] * 5 and f["run/tokens_seen"][:].tolist() == [4, 8, 12, 16, 20]
     assert os.path.exists(path) and not lock_path(path).exists()
+
+
+def test_interrupted_before_the_first_checkpoint_says_it_cannot_be_resumed(tmp_path: Path) -> None:
+    """With the default 10-minute checkpoints a short recording has none yet: SIGTERM keeps the file and the one
+    error line says to record again rather than advising a --resume that would fail."""
+    path = tmp_path / "run.h5"
+    child = subprocess.Popen([sys.executable, "-m", "routescope.cli", "record", *DEBUG, "--steps", "100000",
+                              "--every", "2", "--out", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (path.exists() and steps_of(path).size >= 2):
+        assert child.poll() is None and time.monotonic() < deadline, "the recording did not write two intervals"
+        time.sleep(0.2)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=30)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert child.returncode == 2 and len(lines) == 1 and "cannot be resumed" in lines[0], err
+    assert not path.with_suffix(".ckpt.pt").exists() and steps_of(path).size >= 2

@@ -311,7 +311,7 @@ def test_record_command_on_a_full_disk_then_resume(tmp_path: Path) -> None:
 
     base = [sys.executable, "-m", "routescope.cli", "record"]
     first = subprocess.run([*base, "--config", "debug", "--out", str(path), "--device", "cpu", "--steps", "600",
-                            "--every", "1", "--reserve-mib", "0.5"], preexec_fn=limited, capture_output=True,
+                            "--every", "1", "--reserve-mib", "0.5", "--checkpoint-minutes", "0"], preexec_fn=limited, capture_output=True,
                            text=True, timeout=300)  # fmt: skip
     assert first.returncode == 2, first.stderr[-3000:]
     errors = [line for line in first.stderr.splitlines() if line.strip()]
