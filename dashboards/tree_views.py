@@ -10,6 +10,7 @@ import numpy as np
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, State, dcc, html, no_update
 
+from routescope.analysis.report import window_phrase
 from routescope.analysis.window import LAST_QUARTER, in_window
 from routescope.dashboards import figures as F
 from routescope.dashboards.labels import seed_groups
@@ -74,13 +75,13 @@ class TreeViews(HostedViews):
             stop = self._step_index(src, step_index) + 1
             start = max(0, stop - src.th.persistence)
             how = f"the {stop - start} interval{'s' if stop - start != 1 else ''} up to the step slider"
-        elif window == WHOLE_RUN:
-            start, stop, how = 0, n, f"the whole run: {n} of {n} intervals"
-        else:
-            start, stop = int(np.argmax(in_window(steps, LAST_QUARTER))), n
-            how = f"the last quarter: {n - start} of {n} intervals"
-        first, last = int(steps[start]), int(steps[stop - 1])
-        return start, stop, f"{f'steps {first}–{last}' if first != last else f'step {last}'} ({how})"
+            first, last = int(steps[start]), int(steps[stop - 1])
+            return start, stop, f"{f'steps {first}–{last}' if first != last else f'step {last}'} ({how})"
+        span = "all" if window == WHOLE_RUN else LAST_QUARTER
+        start = 0 if span == "all" else int(np.argmax(in_window(steps, LAST_QUARTER)))
+        phrase = window_phrase({"first_step": int(steps[start]), "last_step": int(steps[-1]), "intervals": n - start,
+                                "run_intervals": n, "span": span})  # the report's words for the same window
+        return start, n, phrase
 
     def tree(self, run: int | None, layer: int | None, tree: int | None, step_index: int | None, color_by: str | None,
              window: str | None = LAST_QUARTER) -> go.Figure:  # fmt: skip

@@ -165,10 +165,11 @@ def pruning_roots(states: np.ndarray) -> np.ndarray:
 
 
 def calibrated_tree_numpy(node_visits: np.ndarray, node_right: np.ndarray, leaf_visits: np.ndarray, tokens: np.ndarray,
-                          variant: str = "neuron", th: Thresholds = DEFAULT) -> dict[str, np.ndarray]:  # fmt: skip
+                          variant: str = "neuron", th: Thresholds = DEFAULT,
+                          states: TreeStates | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """The version-2 state metrics of window-summed counts: node_* (..., T, 2^d − 1), leaf_visits (..., T, 2^d),
-    tokens (...). Returns arrays (..., T)."""
-    st = tree_states(node_visits, node_right, leaf_visits, tokens, th)
+    tokens (...). Returns arrays (..., T). `states`: tree_states of the same counts, where already computed."""
+    st = states if states is not None else tree_states(node_visits, node_right, leaf_visits, tokens, th)
     nodes = st.nodes
     node_states = st.states[..., :nodes]
     live_nodes = node_states == LIVE

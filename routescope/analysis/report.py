@@ -26,10 +26,10 @@ from routescope.analysis.window import (
     resolve_window,
     select_window,
 )
-
-REPORT_VERSION = 2  # metrics version 2: calibrated states (docs/metrics.md)
 from routescope.store.format import RunFileError
 from routescope.store.reader import RunFile, reads_run_file
+
+REPORT_VERSION = 2  # metrics version 2: calibrated states (docs/metrics.md)
 
 
 @reads_run_file(MetricsError)
@@ -60,11 +60,7 @@ def build_report(path: str | Path, window: Window = LAST_QUARTER, layers: list[i
             summary, entries = family.report_entries(ds, window, chosen[name], traces, th)
             rows += entries
             means[name] = {key: _mean(summary[key].values) for key in family.keys}
-            start, end = resolve_window(ds["step"].values, window)
-            window_info = window_info or {"start": start, "end": end, "span": describe_window(window),
-                                          "first_step": summary.attrs["window_first_step"],
-                                          "last_step": summary.attrs["window_last_step"], "intervals": summary.attrs["intervals"],
-                                          "run_intervals": int(ds.sizes["step"])}  # fmt: skip
+            window_info = window_info or describe_summary_window(ds, window, summary)
         result = {
             "schema_version": run.schema_version,
             "report_version": REPORT_VERSION,
@@ -79,6 +75,14 @@ def build_report(path: str | Path, window: Window = LAST_QUARTER, layers: list[i
             span = ALL if window == LAST_QUARTER else window  # events need the run's history, not just its end
             result["events"] = _events(select_window(datasets["tree"], span), chosen["tree"], th)
         return result
+
+
+def describe_summary_window(ds: Any, window: Window, summary: Any) -> dict[str, Any]:
+    """The report's `window` object: the bounds asked for, how (`span`), and the intervals a summary covered."""
+    start, end = resolve_window(ds["step"].values, window)
+    return {"start": start, "end": end, "span": describe_window(window), "first_step": summary.attrs["window_first_step"],
+            "last_step": summary.attrs["window_last_step"], "intervals": summary.attrs["intervals"],
+            "run_intervals": int(ds.sizes["step"])}  # fmt: skip
 
 
 def _mean(values: Any) -> float | None:
@@ -165,7 +169,8 @@ def window_phrase(w: dict[str, Any]) -> str:
     """'steps 230–300 (the last quarter: 8 of 30 intervals)' for a report's window."""
     how = {"last-quarter": "the last quarter: ", "all": "the whole run: "}.get(w.get("span", ""), "")
     total = f" of {w['run_intervals']}" if "run_intervals" in w else ""
-    return f"steps {w['first_step']}–{w['last_step']} ({how}{w['intervals']}{total} intervals)"
+    steps = f"steps {w['first_step']}–{w['last_step']}" if w["first_step"] != w["last_step"] else f"step {w['last_step']}"
+    return f"{steps} ({how}{w['intervals']}{total} interval{'s' if w['intervals'] != 1 else ''})"
 
 
 def legend_text(families: list[str]) -> Text:
@@ -226,15 +231,23 @@ INFO_KEYS = {"tree": ("dead_fraction", "undetermined_fraction", "frozen_fraction
 
 
 def routing_summary(path: str | Path, window: str | None) -> dict[str, Any]:
-    """`info`'s routing line: calibrated states per family over the window (default: the last quarter). A bad
-    window given by the user raises; a default window that cannot be computed becomes {"error": ...}."""
+    """`info`'s routing line: calibrated states per family over the window (default: the last quarter), from
+    the window summaries alone (not the report's per-layer extras such as the MI null). A bad window given
+    by the user raises; a default window that cannot be computed becomes {"error": ...}."""
     from routescope.analysis.window import parse_window
 
+    bounds = parse_window(window)
+    families: dict[str, dict[str, float | None]] = {}
+    info: dict[str, Any] | None = None
     try:
-        report = build_report(path, parse_window(window))
+        with RunFile.open(path) as run:
+            for name in run.families:
+                ds = run.dataset(name)
+                summary = FAMILY_ANALYSES[name].summary(ds, bounds)
+                families[name] = {key: _mean(summary[key].values) for key in INFO_KEYS.get(name, ())}
+                info = info or describe_summary_window(ds, bounds, summary)
     except MetricsError as err:
         if window is not None:
             raise
         return {"error": str(err)}
-    families = {name: {key: values.get(key) for key in INFO_KEYS.get(name, ())} for name, values in report["families"].items()}
-    return {"window": report["window"], "phrase": window_phrase(report["window"]), "families": families}
+    return {"window": info, "phrase": window_phrase(info) if info else "", "families": families}

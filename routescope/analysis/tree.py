@@ -23,6 +23,7 @@ from routescope.analysis.calibrated import (
     PERSISTENCE,
     UNDETERMINED,
     Thresholds,
+    TreeStates,
     calibrated_tree_numpy,
     tree_states,
 )
@@ -86,7 +87,8 @@ def layer_infos(ds: xr.Dataset) -> list[LayerInfo]:
 # ---------------------------------------------------------------------------------------------- core
 
 
-def tree_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, th: Thresholds = DEFAULT) -> dict[str, np.ndarray]:
+def tree_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, th: Thresholds = DEFAULT,
+                       states: TreeStates | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """All per-tree metrics of one layer from window-summed counts of shape (..., T, nodes|leaves).
 
     `counts` holds node_visits, node_right, node_fires (..., T, 2^d - 1), leaf_visits, leaf_fires
@@ -96,7 +98,7 @@ def tree_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, th: Thre
     leaves = counts["leaf_visits"].astype(np.float64)
     tokens = np.asarray(counts["tokens"], dtype=np.float64)[..., None]  # (..., 1) broadcasts over trees
     out = calibrated_tree_numpy(counts["node_visits"], counts["node_right"], counts["leaf_visits"], counts["tokens"],
-                                layer.variant, th)  # fmt: skip
+                                layer.variant, th, states)  # fmt: skip
     with np.errstate(divide="ignore", invalid="ignore"):
         leaf_entropy = entropy_bits(leaves)
         if layer.variant == "leaf_mlp":
@@ -115,9 +117,10 @@ def tree_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, th: Thre
     return {name: out[name] for name in TREE_METRICS}
 
 
-def depth_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, th: Thresholds = DEFAULT) -> dict[str, np.ndarray]:
+def depth_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, th: Thresholds = DEFAULT,
+                        states: TreeStates | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """Routing entropy, balance and the dead, undetermined and frozen fractions per depth level: arrays (..., T, d)."""
-    st = tree_states(counts["node_visits"], counts["node_right"], counts["leaf_visits"], counts["tokens"], th)
+    st = states if states is not None else layer_states(counts, th)
     visits = np.asarray(counts["node_visits"], dtype=np.float64)
     p = right_share(visits, counts["node_right"])
     out: dict[str, list[np.ndarray]] = {k: [] for k in DEPTH_METRICS}
@@ -132,6 +135,11 @@ def depth_metrics_numpy(counts: dict[str, np.ndarray], layer: LayerInfo, th: Thr
         out["undetermined_fraction"].append((state == UNDETERMINED).sum(-1) / (hi - lo))
         out["frozen_fraction"].append(st.frozen[..., lo:hi].sum(-1) / (hi - lo))
     return {k: np.stack(v, axis=-1) if v else np.zeros(counts["tokens"].shape + (layer.trees, 0)) for k, v in out.items()}
+
+
+def layer_states(counts: dict[str, np.ndarray], th: Thresholds = DEFAULT) -> TreeStates:
+    """The calibrated states of one layer's window-summed counts (calibrated.tree_states)."""
+    return tree_states(counts["node_visits"], counts["node_right"], counts["leaf_visits"], counts["tokens"], th)
 
 
 def layer_slice(counts: dict[str, np.ndarray], layer: LayerInfo, leading: int) -> dict[str, np.ndarray]:
@@ -164,9 +172,10 @@ def summarize(ds: xr.Dataset, window: Window = LAST_QUARTER, layers: list[int] |
     per_depth = {name: np.full((len(infos), max_depth), np.nan) for name in DEPTH_METRICS}
     for row, info in enumerate(infos):
         layer_counts = layer_slice(counts, info, leading=0)
-        for name, value in tree_metrics_numpy(layer_counts, info, th).items():
+        states = layer_states(layer_counts, th)  # computed once for the tree and the depth metrics
+        for name, value in tree_metrics_numpy(layer_counts, info, th, states).items():
             per_tree[name][row, : info.trees] = value
-        for name, value in depth_metrics_numpy(layer_counts, info, th).items():
+        for name, value in depth_metrics_numpy(layer_counts, info, th, states).items():
             per_depth[name][row, : info.depth] = _tree_mean(value, axis=0) if value.size else []
     coords = {"layer": [info.index for info in infos]}
     data = {name: (("layer",), _tree_mean(v, axis=1)) for name, v in per_tree.items()}
@@ -197,7 +206,7 @@ def node_table(ds: xr.Dataset, window: Window = LAST_QUARTER, th: Thresholds = D
     starves_right = np.zeros(node_state.shape, dtype=bool)
     for info in layer_infos(ds):
         c = layer_slice(counts, info, leading=0)
-        st = tree_states(c["node_visits"], c["node_right"], c["leaf_visits"], c["tokens"], th)
+        st = layer_states(c, th)
         nodes, t = 2**info.depth - 1, info.trees
         node_state[info.index, :t, :nodes] = st.states[..., :nodes]
         leaf_state[info.index, :t, : nodes + 1] = st.states[..., nodes:]
