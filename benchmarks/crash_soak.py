@@ -38,9 +38,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU soak; set before anything 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from crashkit import Kill, check_run_file, run_kills  # noqa: E402
-from routescope.store import RunFileError  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
+
+from routescope.store import RunFileError  # noqa: E402
 
 PRESETS = ("debug", "debug-l1", "debug-moe")
 FAMILIES = {"debug": "tree", "debug-l1": "l1", "debug-moe": "moe"}
@@ -164,10 +165,10 @@ def damage(data: bytes, rng: random.Random) -> tuple[bytes, str]:
 
 def read_everything(path: str, results: mp.Queue) -> None:
     """Worker: every in-process reader on one damaged file; reports 'read', 'clean' or the unexpected error."""
-    from routescope.dashboards.app import Dashboard
     from routescope.analysis.report import build_report
-    from routescope.store.schema import FAMILIES as GROUPS
+    from routescope.dashboards.app import Dashboard
     from routescope.store import RunFileError, describe, open_run
+    from routescope.store.schema import FAMILIES as GROUPS
 
     opened = []
 

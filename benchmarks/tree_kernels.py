@@ -4,7 +4,8 @@
     python benchmarks/tree_kernels.py --sweep            # also the tile / subtree-size sweep at 16k tokens
     python benchmarks/tree_kernels.py --quick            # fewer sizes, for a smoke run
 
-Rows per (d_model, depth, tokens): dense FFN d→4d→d (cuBLAS through F.linear), the torch reference (`neuron_forward`),
+Rows per (d_model, trees × depth, tokens), for one deep tree and for the many shallow trees of the training
+configs (d 512 4×8, d 768 12×7, d 2048 16×7; `--shapes`): dense FFN d→4d→d (cuBLAS through F.linear), the torch reference (`neuron_forward`),
 fastfeedforward 0.2.1's eval_forward (a leaf-MLP FFF of the same depth, leaf width 1; where
 installed), and our kernel with and without recording. For dense and for ours alike, each time is
 the faster of eager calls and CUDA-graph replays (graphs take out the host's launch cost); "kernel
@@ -28,11 +29,13 @@ import triton
 from rich.console import Console
 from rich.table import Table
 
+from routescope.kernels import tree_ops
 from routescope.kernels import tree_triton as tt
 from routescope.kernels.tree_reference import neuron_forward, new_tree_stats
 
 DTYPE = torch.bfloat16
-SHAPES = [(768, 11), (2048, 12)]
+SHAPES = [(768, 11), (2048, 12)]  # one deep tree: (d_model, depth); also the sweeps' shapes
+MANY_TREES = [(512, 4, 8), (768, 12, 7), (2048, 16, 7)]  # (d_model, trees, depth): the training configs' layers
 TOKENS = [1, 32, 1024, 16384, 65536]
 FFF_MAX_TOKENS = 1024  # fastfeedforward's eval is a Python loop: ~2 s a call at 16k tokens
 
@@ -74,10 +77,10 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / ms
 
 
-def floors(n: int, d: int, depth: int, bw: float) -> tuple[float, float]:
+def floors(n: int, d: int, trees: int, depth: int, bw: float) -> tuple[float, float]:
     """(forward, forward+backward) bytes floor in ms at copy bandwidth `bw`."""
     item = torch.finfo(DTYPE).bits // 8
-    rows = min(2 ** (depth + 1) - 1, n * (depth + 1))  # weight rows the batch touches
+    rows = trees * min(2 ** (depth + 1) - 1, n * (depth + 1))  # weight rows the batch touches
     io = n * d * item  # x, or y, or dy, or dx
     weights = rows * 2 * d * item  # rows of w and of u
     fwd = 2 * io + weights
@@ -85,22 +88,17 @@ def floors(n: int, d: int, depth: int, bw: float) -> tuple[float, float]:
     return fwd / bw, (fwd + bwd) / bw
 
 
-def tree_params(d: int, depth: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+def tree_params(d: int, depth: int, requires_grad: bool, trees: int = 1) -> tuple[torch.Tensor, ...]:
     units = 2 ** (depth + 1) - 1
-    w = (torch.randn(1, units, d, device="cuda") / d**0.5).to(DTYPE).requires_grad_(requires_grad)
-    b = (0.1 * torch.randn(1, units, device="cuda")).to(DTYPE).requires_grad_(requires_grad)
-    u = (torch.randn(1, units, d, device="cuda") / (depth + 1) ** 0.5).to(DTYPE).requires_grad_(requires_grad)
-    return w, b, u
+    w = (torch.randn(trees, units, d, device="cuda") / d**0.5).to(DTYPE).requires_grad_(requires_grad)
+    b = (0.1 * torch.randn(trees, units, device="cuda")).to(DTYPE).requires_grad_(requires_grad)
+    u = (torch.randn(trees, units, d, device="cuda") / (trees * (depth + 1)) ** 0.5).to(DTYPE)
+    return w, b, u.requires_grad_(requires_grad)
 
 
-def time_row(n: int, d: int, depth: int, bw: float, with_fff: bool, cfg: tt.KernelConfig | None) -> dict:
-    """All variants at one size; returns ms per variant (forward and forward+backward)."""
-    torch.manual_seed(0)
-    out: dict[str, float | None] = {}
-    x = torch.randn(n, d, device="cuda", dtype=DTYPE)
-    xg = x.clone().requires_grad_()
-    dy = torch.randn(n, d, device="cuda", dtype=DTYPE)
-    # Dense d -> 4d -> d.
+def dense_times(x: torch.Tensor, xg: torch.Tensor, dy: torch.Tensor) -> tuple[float, float]:
+    """(forward, forward+backward) ms of the dense FFN d -> 4d -> d (cuBLAS through F.linear)."""
+    d = x.shape[1]
     w1 = (torch.randn(4 * d, d, device="cuda") / d**0.5).to(DTYPE).requires_grad_()
     b1 = torch.zeros(4 * d, device="cuda", dtype=DTYPE, requires_grad=True)
     w2 = (torch.randn(d, 4 * d, device="cuda") / (4 * d) ** 0.5).to(DTYPE).requires_grad_()
@@ -114,12 +112,21 @@ def time_row(n: int, d: int, depth: int, bw: float, with_fff: bool, cfg: tt.Kern
         torch.autograd.grad(y, [xg, w1, b1, w2, b2], dy)
 
     with torch.no_grad():
-        out["dense"] = best_of(dense)
-    out["dense_fb"] = best_of(dense_fb)
-    del w1, b1, w2, b2
+        fwd = best_of(dense)
+    return fwd, best_of(dense_fb)
+
+
+def time_row(n: int, d: int, depth: int, bw: float, with_fff: bool, cfg: tt.KernelConfig | None, trees: int = 1) -> dict:
+    """All variants at one size; returns ms per variant (forward and forward+backward)."""
+    torch.manual_seed(0)
+    out: dict[str, float | None] = {}
+    x = torch.randn(n, d, device="cuda", dtype=DTYPE)
+    xg = x.clone().requires_grad_()
+    dy = torch.randn(n, d, device="cuda", dtype=DTYPE)
+    out["dense"], out["dense_fb"] = dense_times(x, xg, dy)
     # Tree: reference, kernel, kernel + recording.
-    w, b, u = tree_params(d, depth, requires_grad=True)
-    stats = new_tree_stats(1, depth, device="cuda")
+    w, b, u = tree_params(d, depth, requires_grad=True, trees=trees)
+    stats = new_tree_stats(trees, depth, device="cuda")
     with torch.no_grad():
         out["reference"] = bench(lambda: neuron_forward(x, w, b, u, depth))
         kernel = lambda: tt.tree_forward(x, w, b, u, depth, config=cfg)  # noqa: E731
@@ -133,7 +140,7 @@ def time_row(n: int, d: int, depth: int, bw: float, with_fff: bool, cfg: tt.Kern
 
     def kernel_fb(record: bool) -> Callable[[], None]:
         def run() -> None:
-            y, _, _ = tt.tree_ffn(xg, w, b, u, depth, "gelu", "node", stats if record else None, cfg)
+            y, _, _ = tree_ops.tree_ffn(xg, w, b, u, depth, "gelu", "node", stats if record else None, cfg)
             torch.autograd.grad(y, [xg, w, b, u], dy)
 
         return run
@@ -143,13 +150,13 @@ def time_row(n: int, d: int, depth: int, bw: float, with_fff: bool, cfg: tt.Kern
     out["kernel_rec_fb"] = best_of(kernel_fb(True))
     out["kernel_eager_fb"] = bench(kernel_fb(False))
     out["fff"] = None
-    if with_fff and n <= FFF_MAX_TOKENS:
+    if with_fff and n <= FFF_MAX_TOKENS and trees == 1:
         from fastfeedforward import FFF
 
         fff = FFF(d, 1, d, depth).cuda().to(DTYPE).eval()
         with torch.no_grad():
             out["fff"] = bench(lambda: fff(x), rep_ms=50)
-    out["floor"], out["floor_fb"] = floors(n, d, depth, bw)
+    out["floor"], out["floor_fb"] = floors(n, d, trees, depth, bw)
     return out
 
 
@@ -234,6 +241,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also sweep tiles and subtree sizes at 16k tokens")
     parser.add_argument("--quick", action="store_true", help="tokens 32 and 16384 only")
     parser.add_argument("--registers", action="store_true", help="only sweep a register cap on the subtree launches")
+    parser.add_argument("--shapes", choices=("one", "many", "all"), default="all",
+                        help="one deep tree per layer, the many-tree layers of the training configs, or both")
     parser.add_argument("--no-fff", action="store_true", help="skip fastfeedforward (slow: a Python loop)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
@@ -258,23 +267,28 @@ def main() -> None:
     except ImportError:
         with_fff = False
     rows = []
-    for d, depth in SHAPES:
+    shapes = [(d, 1, depth) for d, depth in SHAPES] if args.shapes != "many" else []
+    shapes += MANY_TREES if args.shapes != "one" else []
+    for d, trees, depth in shapes:
         for n in [32, 16384] if args.quick else TOKENS:
-            row = {"d": d, "depth": depth, "tokens": n, **time_row(n, d, depth, bw, with_fff, None)}
+            row = {"d": d, "trees": trees, "depth": depth, "tokens": n,
+                   **time_row(n, d, depth, bw, with_fff, None, trees=trees)}  # fmt: skip
             rows.append(row)
+            console.print(f"d {d}, {trees}x{depth}, {n} tokens: fwd dense/kernel {row['dense'] / row['kernel']:.2f}, "
+                          f"fwd+bwd {row['dense_fb'] / row['kernel_fb']:.2f}")  # fmt: skip
     results["table"] = rows
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     for title, suffix in (("forward", ""), ("forward + backward", "_fb")):
         table = Table(title=f"Tree FFN {title}, {device}, bf16, median ms (ratios: dense / variant; kernel / floor)")
-        for name in ("d, depth", "tokens", "dense", "reference", "fff eval", "kernel", "kernel eager", "kernel+rec",
+        for name in ("d, trees x depth", "tokens", "dense", "reference", "fff eval", "kernel", "kernel eager", "kernel+rec",
                      "rec cost", "floor", "dense/kernel", "kernel/floor"):  # fmt: skip
             table.add_column(name, justify="right")
         for r in rows:
             k, kr, dn, fl = r["kernel" + suffix], r["kernel_rec" + suffix], r["dense" + suffix], r["floor" + suffix]
             fff = r.get("fff") if not suffix else None
             table.add_row(
-                f"{r['d']}, {r['depth']}", str(r["tokens"]), f"{dn:.4f}", f"{r['reference' + suffix]:.4f}",
+                f"{r['d']}, {r['trees']}x{r['depth']}", str(r["tokens"]), f"{dn:.4f}", f"{r['reference' + suffix]:.4f}",
                 f"{fff:.2f}" if fff is not None else "-", f"{k:.4f}", f"{r['kernel_eager' + suffix]:.4f}", f"{kr:.4f}",
                 f"{kr / k - 1:+.1%}",
                 f"{fl:.4f}", f"{dn / k:.1f}x", f"{k / fl:.1f}x",

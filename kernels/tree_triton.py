@@ -25,7 +25,8 @@ and dx = dZ·W (dense dots again), and the block's sums du += Aᵀ·dy, dw += dZ
 with one atomic per row and block. Float atomics make gradients and float sums non-deterministic in
 the last bits; counts are exact.
 
-This module is the host side (configs, checks, launches, autograd). The kernels live in
+This module is the host side (configs, checks, launches); `tree_ops.py` registers them as torch operators
+with autograd. The kernels live in
 `tree_fwd_kernels.py` (forward), `tree_bwd_kernels.py` (backward) and `tree_jit_helpers.py` (the
 @triton.jit helpers both share).
 """
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -85,11 +86,16 @@ class KernelConfig:
         return options
 
 
+def default_sub_levels() -> int:
+    """Levels per subtree of the default configs (small in the interpreter); the tree ops' shapes depend on it."""
+    return 3 if interpreting() else KernelConfig.sub_levels
+
+
 def default_config(n: int, d_in: int, d_out: int, depth: int, backward: bool = False) -> KernelConfig:
     """Tiles for the GPU (best of `benchmarks/tree_kernels.py --sweep` on an H100 at 16k tokens; see
     BENCHMARKS.md), small ones in the interpreter. The backward may differ in tiles, not in subtree size."""
     if interpreting():
-        return KernelConfig(block_m=16, block_k=16, block_o=16, sub_levels=3, num_warps=1, num_stages=1)
+        return KernelConfig(block_m=16, block_k=16, block_o=16, sub_levels=default_sub_levels(), num_warps=1, num_stages=1)
     if backward:  # bigger blocks: fewer atomic row adds per subtree
         return KernelConfig(block_m=64, num_warps=8)
     # Forward register cap 96 (Triton picks 128-147): occupancy for a latency-bound kernel; H100 at 16k tokens,
@@ -230,13 +236,21 @@ def _finish(s: Tensor, activation: str) -> Tensor:
 
 
 def _output_grad(dy: Tensor, s: Tensor, activation: str) -> Tensor:
-    """dL/ds = dy · act'(s) for placement "output" (one fused autograd call over s)."""
-    from routescope.kernels.tree_reference import ACTIVATIONS
-
-    with torch.enable_grad():
-        s_ = s.detach().requires_grad_()
-        (ds,) = torch.autograd.grad(ACTIVATIONS[activation](s_), s_, dy.float())
-    return ds
+    """dL/ds = dy · act'(s) for placement "output", from aten's activation backward ops: they run where autograd
+    does not (inside a registered operator)."""
+    dy = dy.float()
+    aten = torch.ops.aten
+    if activation in ("gelu", "gelu_tanh"):
+        return aten.gelu_backward(dy, s, approximate="tanh" if activation == "gelu_tanh" else "none")
+    if activation == "relu":
+        return dy * (s > 0)
+    if activation == "silu":
+        return aten.silu_backward(dy, s)
+    if activation == "tanh":
+        return aten.tanh_backward(dy, torch.tanh(s))
+    if activation == "sigmoid":
+        return aten.sigmoid_backward(dy, torch.sigmoid(s))
+    return dy  # identity
 
 
 def tree_backward(
@@ -296,61 +310,6 @@ def tree_backward(
         if db is not None:
             db[:, :ntop] = dztop[:, :, :ntop].float().sum(1)
     return dx.to(x.dtype), dw, db, du
-
-
-class TreeFFNFunction(torch.autograd.Function):
-    """Autograd wrapper: forward launches, then the backward ones with the routing held fixed."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        w: Tensor,
-        b: Tensor | None,
-        u: Tensor,
-        depth: int,
-        activation: str,
-        placement: str,
-        stats: dict[str, Tensor] | None,
-        config: KernelConfig | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        needs_grad = any(ctx.needs_input_grad[:4])
-        y, leaf, z, s, grouping = tree_forward(
-            x, w, b, u, depth, activation, placement, stats, save_preact=needs_grad, config=config
-        )
-        keep = s if placement == "output" else None  # s of several trees' "node" sums is not needed
-        ctx.save_for_backward(x, w, u, leaf, z, keep, grouping.perm, grouping.counts)
-        ctx.meta = (depth, activation, placement, b is not None, grouping.config, w.dtype, b.dtype if b is not None else None)
-        ctx.fixed_config = config  # a config given by the caller holds for the backward too
-        ctx.mark_non_differentiable(leaf, z)
-        return y, leaf, z
-
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor, _dleaf: Tensor, _dz: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, w, u, leaf, z, s, perm, counts = ctx.saved_tensors
-        depth, activation, placement, has_bias, config, w_dtype, b_dtype = ctx.meta
-        grouping = Grouping(perm, counts, config)
-        dx, dw, db, du = tree_backward(dy, x, w, u, leaf, z, s, grouping, depth, activation, placement, has_bias,
-                                       config=None if ctx.fixed_config is None else config)  # fmt: skip
-        return (
-            dx, dw.to(w_dtype), db.to(b_dtype) if db is not None else None, du.to(u.dtype),
-            None, None, None, None, None,
-        )  # fmt: skip
-
-
-def tree_ffn(
-    x: Tensor,
-    w: Tensor,
-    b: Tensor | None,
-    u: Tensor,
-    depth: int,
-    activation: str = "gelu",
-    placement: str = "node",
-    stats: dict[str, Tensor] | None = None,
-    config: KernelConfig | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Differentiable tree FFN on the Triton kernels: (y, leaf (n, T) int32, z (n, T, d+1) fp32)."""
-    return TreeFFNFunction.apply(x, w, b, u, depth, activation, placement, stats, config)
 
 
 def leaf_to_path(leaf: Tensor, depth: int) -> Tensor:

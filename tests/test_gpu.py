@@ -73,6 +73,7 @@ REAL_SHAPES = [
 
 @pytest.mark.parametrize("case", REAL_SHAPES, ids=lambda c: f"n{c[0]}-d{c[1]}-depth{c[2]}-T{c[3]}-{c[4]}-{c[5]}-{str(c[6])[6:]}")
 def test_triton_kernels_at_real_shapes(case: tuple) -> None:
+    from routescope.kernels import tree_ops
     from routescope.kernels import tree_triton as tt
     from routescope.kernels.tree_reference import accumulate_tree_stats, neuron_forward, new_tree_stats
 
@@ -84,7 +85,7 @@ def test_triton_kernels_at_real_shapes(case: tuple) -> None:
     b = (0.3 * torch.randn(trees, units, device="cuda")).to(dtype).requires_grad_()
     u = (torch.randn(trees, units, d, device="cuda") / (trees * (depth + 1)) ** 0.5).to(dtype).requires_grad_()
     stats = new_tree_stats(trees, depth, device="cuda")
-    y, leaf, z = tt.tree_ffn(x, w, b, u, depth, activation, placement, stats)
+    y, leaf, z = tree_ops.tree_ffn(x, w, b, u, depth, activation, placement, stats)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, w, b, u], dy)
     # Reference in float64 on upcast inputs, with the kernel's routing held fixed.
@@ -126,3 +127,41 @@ def test_layer_auto_backend_uses_triton_and_records() -> None:
     for name in ("tokens", "node_visits", "node_right", "leaf_visits"):
         assert torch.equal(layer.routing_stats()[name], ref.routing_stats()[name]), name
     torch.testing.assert_close(layer.w.grad, ref.w.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_compiled_cuda_graphs_record_as_eager() -> None:
+    """torch.compile(fullgraph=True, mode="reduce-overhead") of tree layers under bf16 autocast: CUDA graphs are
+    used (no cudagraph skip), and over steps that replay them the accumulators equal eager's (counts exactly;
+    float sums to atomics' rounding). The layers' inputs are bit-identical in both (a single-tree first layer
+    has no atomic sums), so every routing decision agrees."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(3)
+    eager = torch.nn.Sequential(TreeFFN(256, 256, 8, backend="triton"), TreeFFN(256, 256, 7, trees=3, backend="triton"))
+    eager = eager.cuda()
+    graphed = copy.deepcopy(eager)
+    for layer in (*eager, *graphed):
+        layer.recording = True
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(graphed, fullgraph=True, mode="reduce-overhead")
+    for _ in range(6):
+        x = torch.randn(2048, 256, device="cuda")
+        for model in (eager, compiled):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = model(x)
+            y.float().square().mean().backward()
+    torch.cuda.synchronize()
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    for layer_e, layer_g in zip(eager, graphed):
+        for name, value in layer_e.routing_stats().items():
+            got = layer_g.routing_stats()[name]
+            if value.dtype == torch.int64:
+                assert torch.equal(got, value), name
+            else:
+                torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-3, msg=name)
+        assert int(layer_g.tokens) == 6 * 2048
+    for p_e, p_g in zip(eager.parameters(), graphed.parameters()):
+        torch.testing.assert_close(p_g.grad, p_e.grad, rtol=2e-2, atol=1e-3)

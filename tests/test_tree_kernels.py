@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from routescope import TreeFFN
+from routescope.kernels import tree_ops
 from routescope.kernels import tree_triton as tt
 from routescope.kernels.tree_reference import accumulate_tree_stats, neuron_forward, new_tree_stats
 
@@ -50,7 +51,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_both(x, w, b, u, depth, activation, placement, config):
     """Kernel forward+backward, then the reference with the kernel's routing held fixed; same dy."""
     stats = new_tree_stats(w.shape[0], depth, device=x.device)
-    y, leaf, z = tt.tree_ffn(x, w, b, u, depth, activation, placement, stats, config)
+    y, leaf, z = tree_ops.tree_ffn(x, w, b, u, depth, activation, placement, stats, config)
     dy = torch.randn_like(y)
     params = [p for p in (x, w, b, u) if p is not None]
     grads = torch.autograd.grad(y, params, dy)
@@ -161,7 +162,7 @@ def test_half_precision_inputs_and_fp32_weights(seed: int) -> None:
     n, d_in, d_out, depth = 40, 32, 24, 4
     w, b, u = make_params(2, depth, d_in, d_out, True)
     x = torch.randn(n, d_in, device=DEVICE).half().requires_grad_()
-    y, leaf, _ = tt.tree_ffn(x, w, b, u, depth, "gelu", "node", None, SMALL if not ON_GPU else None)
+    y, leaf, _ = tree_ops.tree_ffn(x, w, b, u, depth, "gelu", "node", None, SMALL if not ON_GPU else None)
     assert y.dtype == torch.float16
     y_ref, _ = neuron_forward(x.float(), w, b, u, depth, "gelu", "node", path=tt.leaf_to_path(leaf, depth))
     assert rel_err(y, y_ref) < 5e-3, f"seed {seed}"

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from routescope.kernels import tree_triton
+from routescope.kernels import tree_ops, tree_triton
 from routescope.kernels.tree_reference import (
     ACTIVATIONS,
     TreeRouting,
@@ -190,7 +190,7 @@ class TreeFFN(nn.Module):
             if torch.is_autocast_enabled(x.device.type):  # run the kernel in the autocast dtype
                 flat = flat.to(torch.get_autocast_dtype(x.device.type))
             stats = self.routing_stats() if record else None
-            y, leaf, z = tree_triton.tree_ffn(flat, self.w, self.b, self.u, s.depth, s.activation, s.placement, stats)
+            y, leaf, z = tree_ops.tree_ffn(flat, self.w, self.b, self.u, s.depth, s.activation, s.placement, stats)
             if record and self.trace_next:
                 act = ACTIVATIONS[s.activation]
                 fired = (act(z) if s.placement == "node" else z) != 0
