@@ -4,12 +4,13 @@
 embedded corpus, one file per (variant, seed), named `<sweep>-<variant>-s<seed>.h5`. A finished
 file is reused, so an interrupted sweep resumes and notebooks that share a folder share runs.
 Sizes: "tiny" (seconds a run on a laptop CPU; the notebooks' default and CI), "cpu" (the demo
-preset, about a minute a run) and "gpu" (the GPU preset).
+preset, about a minute a run), "small-gpu" (the study's primary size) and "gpu" (the GPU preset).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,19 @@ class Variant:
 
     name: str
     model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields (lr, batch_size) the arm changes
+
+
+# The pre-registered study's arms (notebooks/study/PROTOCOL.md): activation x placement, and the dense twin.
+STUDY_ARMS = [
+    Variant("gelu-node", {"activation": "gelu"}), Variant("relu-node", {"activation": "relu"}),
+    Variant("tanh-node", {"activation": "tanh"}), Variant("identity-node", {"activation": "identity"}),
+    Variant("gelu-output", {"activation": "gelu", "placement": "output"}), Variant("dense", {"mlp": "dense"}),
+]  # fmt: skip
+STUDY_REGIME = [
+    Variant(f"{act}-lr{lr_name}-b{batch}", {"activation": act}, {"lr": lr, "batch_size": batch})
+    for act in ("gelu", "tanh") for lr_name, lr in (("1e-3", 1e-3), ("3e-3", 3e-3)) for batch in (6, 64)
+]  # fmt: skip
 
 
 SWEEPS: dict[str, tuple[str, list[Variant]]] = {
@@ -43,6 +57,10 @@ SWEEPS: dict[str, tuple[str, list[Variant]]] = {
         Variant("t4", {"depth": 6, "trees": 4}),
     ]),
     "dense": ("tree vs the dense baseline of the same width", [Variant("tree", {}), Variant("dense", {"mlp": "dense"})]),
+    "study": ("the pre-registered study's arms (notebooks/study/PROTOCOL.md)", STUDY_ARMS),
+    "study-gpu": ("the study's arms at the GPU preset", [v for v in STUDY_ARMS if v.name in
+                                                         ("gelu-node", "gelu-output", "tanh-node", "dense")]),
+    "study-regime": ("the study's regime grid: learning rate x batch (sequences of 256 at small-gpu)", STUDY_REGIME),
 }  # fmt: skip
 
 SIZES: dict[str, Callable[[], TrainConfig]] = {
@@ -53,6 +71,11 @@ SIZES: dict[str, Callable[[], TrainConfig]] = {
         model=GPTConfig(seq_len=64, n_layer=2, n_head=2, d_model=64, dense_width=256, depth=6, trees=2),
     ),
     "cpu": lambda: get_preset("shakespeare-tree"),
+    # small-gpu: the study's primary size (PROTOCOL.md), 16k tokens a step; minutes a run on one GPU
+    "small-gpu": lambda: replace(
+        get_preset("shakespeare-tree-gpu"), steps=600, warmup=50, eval_every=100, record_every=10,
+        model=GPTConfig(seq_len=256, n_layer=4, n_head=4, d_model=256, dense_width=1024, depth=7, trees=4),
+    ),
     "gpu": lambda: get_preset("shakespeare-tree-gpu"),
 }  # fmt: skip
 
@@ -71,7 +94,7 @@ def sweep_configs(sweep: str, size: str = "tiny", seeds: int = 2, steps: int | N
             options.setdefault("dense_width", 4 * base.model.d_model)
         model = replace(base.model, **options)
         for seed in range(seeds):
-            cfg = replace(base, model=model, seed=seed, steps=steps or base.steps,
+            cfg = replace(base, **variant.train, model=model, seed=seed, steps=steps or base.steps,
                           description=f"sweep {sweep}, size {size}: {variant.name}, seed {seed}")  # fmt: skip
             out[f"{sweep}-{variant.name}-s{seed}"] = cfg
     return out
@@ -129,5 +152,7 @@ def run_sweep(
 
 
 def variant_of(run_name: str) -> str:
-    """'activation-gelu-s1' -> 'gelu'."""
-    return run_name.split("-")[1]
+    """'activation-gelu-s1' -> 'gelu'; 'study-gelu-node-s1' -> 'gelu-node' (the longest sweep name that prefixes it)."""
+    stem = re.sub(r"-s\d+$", "", run_name)
+    prefixes = [name for name in SWEEPS if stem.startswith(name + "-")]
+    return stem[len(max(prefixes, key=len)) + 1 :] if prefixes else stem.split("-")[1]
