@@ -64,6 +64,9 @@ def record(
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on the CPU) | bf16 | fp32")] = "auto",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model (inductor); the first steps "
                                            "compile.")] = False,  # fmt: skip
+    data: Annotated[Optional[Path], typer.Option(help="Train on this corpus instead of Shakespeare: a UTF-8 text "
+                    "file or folder (bytes), or a nanoGPT uint16 .bin (with --vocab-size).")] = None,  # fmt: skip
+    vocab_size: Annotated[Optional[int], typer.Option(min=2, help="Vocabulary size of a tokenized --data .bin.")] = None,
     checkpoint_minutes: Annotated[float, typer.Option(min=0, help="Minutes of training between checkpoints "
                                   "(RUN.ckpt.pt, at an interval end; 0: every interval). A kill loses at most this "
                                   "much training; the run file keeps every interval.")] = 10.0,  # fmt: skip
@@ -82,8 +85,13 @@ def record(
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         fail(f"--device must be auto, cpu or cuda, got {device!r}")
     overrides = {"steps": steps, "record_every": every, "seed": seed, "sample_tokens": sample_tokens}
+    from routescope.cli_record import ConfigError, resumed_config, with_data
+
     if resume is not None:
-        out, name, cfg = resume, config, _resumed_config(resume, config, overrides)
+        try:
+            out, name, cfg = resume, config, resumed_config(resume, config, overrides)
+        except ConfigError as err:
+            fail(str(err))
     else:
         if out.is_dir():
             fail(f"--out {out} is a folder; give the path of the run file to write, e.g. --out {out / 'run.h5'}")
@@ -96,13 +104,17 @@ def record(
             fail(f"cannot write {out}: folder {out.parent} is not writable (a read-only filesystem, or no permission); "
                  "choose another --out")  # fmt: skip
         name = config or "shakespeare-tree"
-        cfg = get_preset(name, **overrides)
+        try:
+            cfg = with_data(get_preset(name, **overrides), data, vocab_size)
+        except ConfigError as err:
+            fail(str(err))
     step_tokens = cfg.batch_size * cfg.model.seq_len
     if cfg.sample_tokens > step_tokens:  # the sample is drawn from an interval's last step: more cannot exist
         fail(f"--sample-tokens {cfg.sample_tokens} is more than the {step_tokens} tokens of one training step of "
              f"this preset (the sample comes from each interval's last step); give at most {step_tokens}")
 
     from routescope.record.recorder import RecorderError
+    from routescope.trainers.data import CorpusError
     from routescope.trainers.train import train
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # SIGTERM closes the file as Ctrl-C does
@@ -119,7 +131,7 @@ def record(
                  f"`routescope record --resume {out}` (from its last checkpoint: intervals after it are trained again)")
         fail(f"interrupted before the first training checkpoint (one every --checkpoint-minutes, default 10); {out} "
              "holds every interval recorded so far (marked 'interrupted') but cannot be resumed; record it again")
-    except (ValueError, RunFileError) as err:
+    except (ValueError, RunFileError, CorpusError) as err:
         fail(str(err))
     except (RecorderError, OSError) as err:  # a full disk: the run file's writer, or the training checkpoint
         recorder = getattr(err, "recorder", None)
@@ -137,35 +149,10 @@ def record(
         f"val loss {result.initial_val_loss:.3f} → {result.final_val_loss:.3f} in {result.seconds:.0f} s "
         f"({result.tokens_per_second / 1000:.1f}k tokens/s, {result.precision}"
         + (f", MFU {100 * result.mfu:.1f}% of the device's dense {result.precision} peak" if result.mfu is not None else "")
-        + f"; {result.flops_per_token / 1e6:.1f} MFLOP per token)"
+        + f"; {result.flops_per_token / 1e6:.1f} MFLOP per token; {result.epochs:.2f} epochs of the training split)"
     )
     console.print(f"wrote [bold]{out}[/] ({human_size(size)})")
     console.print(f"next: [cyan]routescope info {out}[/]")
-
-
-def _resumed_config(path: Path, preset: str | None, overrides: dict[str, object]):  # type: ignore[no-untyped-def]
-    """The training config to resume `path` with: the file's own (or the named preset's), with the overrides given."""
-    from dataclasses import replace
-
-    from routescope.store import RunFile
-    from routescope.trainers.presets import get_preset
-    from routescope.trainers.train import config_from_dict
-
-    try:
-        with RunFile.open(path) as run:
-            stored = run.config.get("preset")
-    except RunFileError as err:
-        fail(str(err))
-    except (ValueError, AttributeError) as err:
-        fail(f"{path} has an unreadable config attribute ({err}); cannot resume it")
-    if not stored:
-        fail(f"{path} was not recorded by `routescope record` (no preset in its config); it cannot be resumed from the CLI")
-    if preset is not None:
-        return get_preset(preset, **overrides)  # compared with the file's when the recorder reopens it
-    try:
-        return replace(config_from_dict(stored), **{k: v for k, v in overrides.items() if v is not None})
-    except TypeError as err:
-        fail(f"{path} holds a preset this routescope does not know ({err}); cannot resume it")
 
 
 @app.command()

@@ -28,9 +28,14 @@ class TrainConfig:
     sample_tokens: int = 64  # tokens per interval whose whole path is kept
     seed: int = 0
     description: str = ""
+    data: str | None = None  # a user corpus (`record --data`); None: the embedded Shakespeare
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready; `data` only when set, so the demo's stored configs stay as they were."""
+        d = asdict(self)
+        if d["data"] is None:
+            del d["data"]
+        return d
 
 
 def _tree(**model: Any) -> GPTConfig:

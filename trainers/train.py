@@ -28,6 +28,7 @@ from rich.progress import (
 from routescope.layers import aux_loss
 from routescope.record.recorder import Recorder
 from routescope.trainers.data import Corpus
+from routescope.trainers.user_data import load_corpus
 from routescope.trainers.model import GPT, GPTConfig
 from routescope.trainers.presets import TrainConfig
 
@@ -50,6 +51,7 @@ class TrainResult:
     precision: str = "fp32"
     flops_per_token: float = float("nan")  # model FLOPs of one token's forward and backward (6 × active weights + attention)
     peak_flops: float | None = None  # the device's dense peak at this precision, where known
+    epochs: float = float("nan")  # training tokens seen / tokens in the training split
 
     @property
     def tokens_per_second(self) -> float:
@@ -190,7 +192,7 @@ def train(
     torch.manual_seed(cfg.seed)
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
-    corpus = Corpus.shakespeare()
+    corpus = Corpus.shakespeare() if cfg.data is None else load_corpus(cfg.data, cfg.model.seq_len, cfg.model.vocab_size)
     model = GPT(cfg.model).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0,
                                   fused=True if dev.type == "cuda" else None)  # fmt: skip
@@ -273,7 +275,7 @@ def train(
     trained = cfg.steps - first + 1
     return TrainResult(trained, trained * tokens_per_step, seconds, initial_val, val, train_loss,
                        Path(out) if out is not None else None, precision, model.flops_per_token(),
-                       peak_flops(dev, precision))  # fmt: skip
+                       peak_flops(dev, precision), trained * tokens_per_step / len(corpus.train))  # fmt: skip
 
 
 @contextlib.contextmanager
