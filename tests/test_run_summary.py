@@ -56,3 +56,15 @@ def test_drift_quantiles_match_the_raw_counts(run: Path, tmp_path: Path) -> None
                 drift = np.where((v[layer] > 0) & (sigma > 0), mu / sigma, np.nan).ravel()
             expected = np.nanquantile(drift, QUANTILES)
             np.testing.assert_allclose(s["drift_quantile"].values[at, layer], expected, rtol=1e-12, err_msg=f"{at} {layer}")
+
+
+@pytest.mark.filterwarnings("ignore:the model has no routed layers")
+def test_dense_baseline_keeps_its_losses(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    cfg = get_preset("debug", steps=6, record_every=2)
+    path = tmp_path / "dense.h5"
+    train(replace(cfg, model=replace(cfg.model, mlp="dense")), out=path, device="cpu", show_progress=False)
+    s = xr.open_dataset(write_summary(path, tmp_path / "d.nc"), engine="h5netcdf")
+    assert "static_fraction" not in s and np.isfinite(s["val_loss"].values).any()
+    assert '"mlp": "dense"' in s.attrs["config"]

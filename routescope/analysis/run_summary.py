@@ -51,13 +51,18 @@ def run_summary(path: str | Path, th: Thresholds = DEFAULT, rolling: int = PERSI
     """The summary Dataset of one run file (see the module doc); `command` and `commit` are kept as attributes."""
     import routescope
 
+    from routescope.store import describe
+
     path = Path(path)
-    ds = routescope.open(path)
-    ts = timeseries(ds, rolling=rolling, th=th)
-    curves = ts[[name for name in ts.data_vars if not name.startswith("tree_")]]
     run = routescope.open(path, group="run")
     losses = {name: ("run_step", run[name].values.astype(np.float64)) for name in ("train_loss", "val_loss") if name in run}
-    summary = xr.merge([curves, drift_quantiles(ds, rolling)])
+    if "tree" in describe(path)["families"]:
+        ds = routescope.open(path)
+        ts = timeseries(ds, rolling=rolling, th=th)
+        curves = ts[[name for name in ts.data_vars if not name.startswith("tree_")]]
+        summary = xr.merge([curves, drift_quantiles(ds, rolling)])
+    else:  # a dense baseline: its losses only
+        ds, summary = run, xr.Dataset(attrs={**th.as_dict(), "rolling": rolling})
     summary = summary.assign(losses).assign_coords(run_step=run["step"].values)
     config = json.loads(ds.attrs.get("config", "{}"))
     attrs: dict[str, Any] = {
