@@ -68,3 +68,30 @@ def test_dense_baseline_keeps_its_losses(tmp_path: Path) -> None:
     s = xr.open_dataset(write_summary(path, tmp_path / "d.nc"), engine="h5netcdf")
     assert "static_fraction" not in s and np.isfinite(s["val_loss"].values).any()
     assert '"mlp": "dense"' in s.attrs["config"]
+
+
+def test_window_metrics_are_the_last_two_quarters(run: Path, tmp_path: Path) -> None:
+    """`window_*` equals summarize() over the last ceil(n/4) intervals ("end") and the ceil(n/4) before them."""
+    from routescope.analysis import summarize
+
+    s = xr.open_dataset(write_summary(run, tmp_path / "s.nc"), engine="h5netcdf")
+    ds = routescope.open(run)
+    steps = ds["step"].values  # 20 intervals: quarters of 5
+    assert len(steps) == 20
+    end = summarize(ds, window=(int(steps[15]), None))
+    previous = summarize(ds, window=(int(steps[10]), int(steps[15])))
+    for name in ("static_fraction", "right_starved_share", "leaf_entropy_norm"):
+        np.testing.assert_array_equal(s[f"window_{name}"].sel(window="end").values, end[name].values)
+        np.testing.assert_array_equal(s[f"window_{name}"].sel(window="previous").values, previous[name].values)
+
+
+def test_rule_inputs_from_a_summary(run: Path, tmp_path: Path) -> None:
+    from routescope.analysis.study_rules import run_values
+
+    s = xr.open_dataset(write_summary(run, tmp_path / "s.nc"), engine="h5netcdf")
+    values = run_values(s)
+    assert values.arm == "gelu-node" and values.seed == 0
+    end = s["window_static_fraction"].sel(window="end").values
+    prev = s["window_static_fraction"].sel(window="previous").values
+    assert values.sf == pytest.approx(np.nanmean(end)) and values.dsf == pytest.approx(np.nanmean(end) - np.nanmean(prev))
+    assert np.isfinite(values.drift_slope) and values.val_loss == s["val_loss"].values[-1]

@@ -1,5 +1,6 @@
 """A run reduced to what a study needs, small enough to commit (well under 1 MB): the version-2 tree metrics as
-curves over training (rolling K intervals, per layer), quantiles of the nodes' standardized drift μ_n/σ_n per
+curves over training (rolling K intervals, per layer) and over the last two quarters of the run (`window_*`,
+the study's windows), quantiles of the nodes' standardized drift μ_n/σ_n per
 interval, and the run's losses; with the source config, the command and the commit that made it.
 
 `write_summary(run, out)` writes it as NetCDF (h5netcdf): `xarray.open_dataset(out)` reads it back without
@@ -17,7 +18,7 @@ import xarray as xr
 
 from routescope.analysis.calibrated import DEFAULT, PERSISTENCE, Thresholds
 from routescope.analysis.stats import node_moments
-from routescope.analysis.tree import layer_infos, timeseries
+from routescope.analysis.tree import layer_infos, summarize, timeseries
 from routescope.analysis.window import rolling_sums
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -46,11 +47,40 @@ def drift_quantiles(ds: xr.Dataset, rolling: int | None = PERSISTENCE, quantiles
                         name="drift_quantile")  # fmt: skip
 
 
+WINDOWS = ("end", "previous")  # the last quarter of the intervals, and the quarter before it
+
+
+def quarter_windows(steps: np.ndarray) -> dict[str, tuple[int | None, int | None]]:
+    """The two study windows as half-open step ranges: "end" = the last ceil(n/4) intervals (the default
+    window), "previous" = the ceil(n/4) intervals before them (clipped at the start of the run)."""
+    q = max(1, -(-len(steps) // 4))
+    start_end = len(steps) - q
+    start_prev = max(0, start_end - q)
+    return {"end": (int(steps[start_end]), None), "previous": (int(steps[start_prev]), int(steps[start_end]))}
+
+
+def window_metrics(ds: xr.Dataset, th: Thresholds = DEFAULT) -> xr.Dataset:
+    """Every layer-level metric of `summarize` in the two study windows: `window_<metric>` (window, layer). A run
+    of one interval has no "previous" quarter: NaN there."""
+    windows = quarter_windows(ds["step"].values)
+    parts = []
+    for name in WINDOWS:
+        start, end = windows[name]
+        if end is not None and start >= end:
+            parts.append(None)
+            continue
+        summary = summarize(ds, window=(start, end), th=th)
+        parts.append(summary[[v for v in summary.data_vars if not v.startswith(("tree_", "depth_"))]])
+    template = next(p for p in parts if p is not None)
+    parts = [p if p is not None else xr.full_like(template, np.nan) for p in parts]
+    stacked = xr.concat(parts, dim=xr.DataArray(list(WINDOWS), dims="window"), combine_attrs="drop")
+    return stacked.rename({name: f"window_{name}" for name in stacked.data_vars})
+
+
 def run_summary(path: str | Path, th: Thresholds = DEFAULT, rolling: int = PERSISTENCE, command: str = "",
                 commit: str = "") -> xr.Dataset:  # fmt: skip
     """The summary Dataset of one run file (see the module doc); `command` and `commit` are kept as attributes."""
     import routescope
-
     from routescope.store import describe
 
     path = Path(path)
@@ -60,7 +90,7 @@ def run_summary(path: str | Path, th: Thresholds = DEFAULT, rolling: int = PERSI
         ds = routescope.open(path)
         ts = timeseries(ds, rolling=rolling, th=th)
         curves = ts[[name for name in ts.data_vars if not name.startswith("tree_")]]
-        summary = xr.merge([curves, drift_quantiles(ds, rolling)])
+        summary = xr.merge([curves, drift_quantiles(ds, rolling), window_metrics(ds, th)], combine_attrs="override")
     else:  # a dense baseline: its losses only
         ds, summary = run, xr.Dataset(attrs={**th.as_dict(), "rolling": rolling})
     summary = summary.assign(losses).assign_coords(run_step=run["step"].values)
