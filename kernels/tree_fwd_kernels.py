@@ -19,17 +19,17 @@ def is_finite(z):
 
 @triton.jit
 def add_unit_stats(
-    zs, hit, cols, is_node, stat_node, stat_leaf, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr,
+    zs, hit, right_dec, cols, is_node, stat_node, stat_leaf, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr,
     lv_ptr, lf_ptr, las_ptr, laq_ptr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr,
 ):  # fmt: skip
-    """Per-unit counts and sums over a block (hit: tokens × units on the path), one atomic each;
-    the sums leave out non-finite z (NaN, inf), the counts do not."""
+    """Per-unit counts and sums over a block (hit: tokens × units on the path; right_dec: where each unit sends
+    each token right), one atomic each; the sums leave out non-finite z (NaN, inf), the counts do not."""
     if PLACE_OUT:
         fired = zs != 0.0
     else:
         fired = jit_act(zs, ACT) != 0.0
     visits = tl.sum(hit.to(tl.int32), axis=0)
-    right = tl.sum((hit & (zs > 0.0)).to(tl.int32), axis=0).to(tl.int64)
+    right = tl.sum((hit & right_dec).to(tl.int32), axis=0).to(tl.int64)
     fires = tl.sum((hit & fired).to(tl.int32), axis=0).to(tl.int64)
     zhit = tl.where(hit & is_finite(zs), zs, 0.0)
     zsum = tl.sum(zhit, axis=0).to(tl.float64)
@@ -47,12 +47,23 @@ def add_unit_stats(
     tl.atomic_add(laq_ptr + stat_leaf, zsq, mask=leaf, sem="relaxed")
 
 @triton.jit
+def decisions(zs, force_ptr, heap, is_node, HAS_FORCE: tl.constexpr):
+    """Where each unit sends each token right: z > 0, or the unit's forced side (force 0 left, 1 right, -1 free;
+    a pruned tree's node whose other child subtree was removed)."""
+    if HAS_FORCE:
+        f = tl.load(force_ptr + heap, mask=is_node, other=-1)
+        return tl.where(f[None, :] >= 0, f[None, :] == 1, zs > 0.0)
+    else:
+        return zs > 0.0
+
+
+@triton.jit
 def route_top_kernel(
     x_ptr, w_ptr, b_ptr, z_ptr, perm_ptr, cnt_ptr,
-    tok_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr,
+    tok_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, force_ptr,
     n, D, T,
     DEPTH: tl.constexpr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    RECORD: tl.constexpr, TOP: tl.constexpr, TOPW: tl.constexpr, NBP: tl.constexpr,
+    RECORD: tl.constexpr, HAS_FORCE: tl.constexpr, TOP: tl.constexpr, TOPW: tl.constexpr, NBP: tl.constexpr,
     DOT_PREC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Route BM tokens through the top TOP levels of tree t and file them under their subtree."""
@@ -77,6 +88,7 @@ def route_top_kernel(
     if HAS_BIAS:
         zz += tl.load(b_ptr + t * NUNIT + col, mask=col < NTOP, other=0.0).to(tl.float32)[None, :]
     zrow = z_ptr + (rows * T + t) * (DEPTH + 1)
+    dec = decisions(zz, force_ptr + t * NNODE, col, col < NTOP, HAS_FORCE)
     idx = tl.zeros((BM,), dtype=tl.int32)
     onpath = tl.zeros((BM, TOPW), dtype=tl.int1)
     for level in tl.static_range(TOP):
@@ -84,7 +96,10 @@ def route_top_kernel(
         z = tl.sum(tl.where(sel, zz, 0.0), axis=1)
         tl.store(zrow + level, z, mask=valid)
         onpath = onpath | sel
-        idx = 2 * idx + 1 + (z > 0.0).to(tl.int32)
+        if HAS_FORCE:
+            idx = 2 * idx + 1 + tl.sum(tl.where(sel, dec.to(tl.int32), 0), axis=1)
+        else:
+            idx = 2 * idx + 1 + (z > 0.0).to(tl.int32)
     # counting sort: rank within the block per subtree, then one atomic per subtree for the base
     bucket = idx - NTOP
     bcol = tl.arange(0, NBP)
@@ -100,17 +115,17 @@ def route_top_kernel(
             tl.atomic_add(tok_ptr + first, tl.zeros((1,), dtype=tl.int64) + n, sem="relaxed")
         stat = t * NNODE + col
         add_unit_stats(
-            zz, onpath & valid[:, None], col < NTOP, col >= 0, stat, stat,
+            zz, onpath & valid[:, None], dec, col < NTOP, col >= 0, stat, stat,
             nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, ACT, PLACE_OUT,
         )  # fmt: skip
 
 @triton.jit
 def subtree_kernel(
     x_ptr, w_ptr, b_ptr, u_ptr, y_ptr, s_ptr, leaf_ptr, z_ptr, perm_ptr, cnt_ptr,
-    tok_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr, bad_ptr,
+    tok_ptr, nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr, bad_ptr, force_ptr,
     n, D, O, T,
     DEPTH: tl.constexpr, ACT: tl.constexpr, PLACE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    RECORD: tl.constexpr, SAVE_S: tl.constexpr, Y_ATOMIC: tl.constexpr, SPLIT_A: tl.constexpr,
+    RECORD: tl.constexpr, HAS_FORCE: tl.constexpr, SAVE_S: tl.constexpr, Y_ATOMIC: tl.constexpr, SPLIT_A: tl.constexpr,
     TOP: tl.constexpr, TOPW: tl.constexpr, NBP: tl.constexpr, SUBL: tl.constexpr, SUBW: tl.constexpr, DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
@@ -137,6 +152,7 @@ def subtree_kernel(
     if HAS_BIAS:
         zs += tl.load(b_ptr + t * NUNIT + heap, mask=cols & (c < tl.where(busy, SUBW, 0)), other=0.0).to(tl.float32)[None, :]
     zrow = z_ptr + (rows * T + t) * PATH
+    dec = decisions(zs, force_ptr + t * NNODE, heap, cols & (lev < SUBL - 1), HAS_FORCE)
     loc = tl.zeros((BM,), dtype=tl.int32)
     onpath = tl.zeros((BM, SUBW), dtype=tl.int1)
     for level in tl.static_range(SUBL):
@@ -145,7 +161,10 @@ def subtree_kernel(
         tl.store(zrow + TOP + level, z, mask=valid)
         onpath = onpath | sel
         if level < SUBL - 1:
-            loc = 2 * loc + 1 + (z > 0.0).to(tl.int32)
+            if HAS_FORCE:
+                loc = 2 * loc + 1 + tl.sum(tl.where(sel, dec.to(tl.int32), 0), axis=1)
+            else:
+                loc = 2 * loc + 1 + (z > 0.0).to(tl.int32)
     leaf_heap = tl.sum(tl.where(c[None, :] == loc[:, None], heap[None, :], 0), axis=1)
     tl.store(leaf_ptr + rows * T + t, leaf_heap - NNODE, mask=valid)
     hit = onpath & valid[:, None]
@@ -155,7 +174,7 @@ def subtree_kernel(
                 first = tl.arange(0, 1)
                 tl.atomic_add(tok_ptr + first, tl.zeros((1,), dtype=tl.int64) + n, sem="relaxed")
         add_unit_stats(
-            zs, hit, cols, lev < SUBL - 1, t * NNODE + heap, t * (NNODE + 1) + heap - NNODE,
+            zs, hit, dec, cols, lev < SUBL - 1, t * NNODE + heap, t * (NNODE + 1) + heap - NNODE,
             nv_ptr, nr_ptr, nf_ptr, nas_ptr, naq_ptr, lv_ptr, lf_ptr, las_ptr, laq_ptr, ACT, PLACE_OUT,
         )  # fmt: skip
         # tokens of the block with a non-finite z on their path: subtree levels here, top levels from z

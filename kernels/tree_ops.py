@@ -86,8 +86,8 @@ def stat_views(counts: Tensor, sums: Tensor, trees: int, depth: int) -> dict[str
 
 @torch.library.custom_op("routescope::tree_fwd", mutates_args=())
 def tree_fwd(
-    x: Tensor, w: Tensor, b: Tensor | None, u: Tensor, depth: int, activation: str, placement: str, keep_s: bool,
-    record: bool, config: list[int],
+    x: Tensor, w: Tensor, b: Tensor | None, u: Tensor, force: Tensor | None, depth: int, activation: str,
+    placement: str, keep_s: bool, record: bool, config: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(y, leaf, z, s, perm, counts, stat_counts, stat_sums). s is (0,) unless `keep_s` (placement "output" under
     autograd: the backward needs the fp32 pre-activation sum). With `record`, the batch's routing statistics come
@@ -99,13 +99,13 @@ def tree_fwd(
     stat_sums = torch.zeros((n_sums if record else 0,), device=x.device, dtype=torch.float64)
     stats = stat_views(stat_counts, stat_sums, trees, depth) if record else None
     res = tree_forward(x, w, b, u, depth, activation, placement, stats, save_preact=keep_s,
-                       config=config_from_list(config))  # fmt: skip
+                       config=config_from_list(config), force=force)  # fmt: skip
     s = res.s if keep_s and placement == "output" and res.s is not None else x.new_empty((0,), dtype=torch.float32)
     return res.y, res.leaf, res.z, s, res.grouping.perm, res.grouping.counts, stat_counts, stat_sums
 
 
 @tree_fwd.register_fake
-def _tree_fwd_fake(x, w, b, u, depth, activation, placement, keep_s, record, config):  # type: ignore[no-untyped-def]
+def _tree_fwd_fake(x, w, b, u, force, depth, activation, placement, keep_s, record, config):  # type: ignore[no-untyped-def]
     n, trees, d_out, depth = x.shape[0], int(u.shape[0]), u.shape[2], int(depth)  # trees, depth: static sizes
     buckets = _buckets(depth, config)
     _, n_counts, n_sums = stat_layout(trees, depth)
@@ -149,7 +149,7 @@ def _tree_bwd_fake(dy, x, w, u, leaf, z, s, perm, counts, depth, activation, pla
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    x, w, b, u, depth, activation, placement, _keep_s, _record, config = inputs
+    x, w, b, u, _force, depth, activation, placement, _keep_s, _record, config = inputs
     _y, leaf, z, s, perm, counts, stat_counts, stat_sums = output
     ctx.save_for_backward(x, w, u, leaf, z, s, perm, counts)
     # Only y carries gradients: the float by-products (z, s, the statistics' sums) must not drag the graph along,
@@ -163,7 +163,7 @@ def _backward(ctx: Any, dy: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ..
     depth, activation, placement, has_bias, config, w_dtype, b_dtype = ctx.meta
     dx, dw, db, du = torch.ops.routescope.tree_bwd(dy, x, w, u, leaf, z, s, perm, counts, depth, activation,
                                                    placement, has_bias, config)  # fmt: skip
-    return dx, dw.to(w_dtype), db.to(b_dtype) if has_bias else None, du.to(u.dtype), None, None, None, None, None, None
+    return dx, dw.to(w_dtype), db.to(b_dtype) if has_bias else None, du.to(u.dtype), *(None,) * 7
 
 
 tree_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -179,17 +179,18 @@ def tree_ffn(
     placement: str = "node",
     stats: dict[str, Tensor] | None = None,
     config: KernelConfig | None = None,
+    force: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable tree FFN on the Triton kernels: (y, leaf (n, T) int32, z (n, T, d+1) fp32).
 
     `stats` (the layer's accumulators by file variable name, as `new_tree_stats` makes them) receive the batch's
-    counts and sums in place.
+    counts and sums in place. `force` (T, 2^d − 1) int8 holds nodes to one side (a pruned tree; −1 free).
     """
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b, u))
     keep_s = needs_grad and placement == "output"
     record = stats is not None
     y, leaf, z, _s, _perm, _counts, stat_counts, stat_sums = torch.ops.routescope.tree_fwd(
-        x, w, b, u, depth, activation, placement, keep_s, record, config_to_list(config)
+        x, w, b, u, force, depth, activation, placement, keep_s, record, config_to_list(config)
     )
     if record:  # one multi-tensor add per dtype into the accumulators
         views = stat_views(stat_counts, stat_sums, u.shape[0], depth)

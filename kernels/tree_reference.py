@@ -57,12 +57,14 @@ def neuron_forward(
     activation: str = "gelu",
     placement: str = "node",
     path: Tensor | None = None,
+    force: Tensor | None = None,
 ) -> tuple[Tensor, TreeRouting]:
     """Neuron-per-node tree FFN: y = Σ_trees Σ_path act(z)·u ("node") or act(Σ_trees Σ_path z·u) ("output").
 
     x (n, d_in), w (T, N, d_in), b (T, N) or None, u (T, N, d_out). If `path` (n, T, d+1) is given
     the routing is held fixed to it (used for gradient checks); otherwise it is decided here by the
-    sign of z. Gradients reach x, w, b and u of visited neurons through z only, never the choice.
+    sign of z, except at nodes that `force` (T, 2^d − 1) int8 holds to one side (0 left, 1 right, −1 free:
+    a pruned tree). Gradients reach x, w, b and u of visited neurons through z only, never the choice.
     """
     act = ACTIVATIONS[activation]
     n, trees = x.shape[0], w.shape[0]
@@ -82,7 +84,11 @@ def neuron_forward(
         indices.append(index)
         zs.append(z)
         if path is None and level < depth:
-            index = 2 * index + 1 + (z.detach() > 0).long()
+            right = z.detach() > 0
+            if force is not None:
+                held = _gather_rows(force, index)  # (n, T)
+                right = torch.where(held >= 0, held == 1, right)
+            index = 2 * index + 1 + right.long()
     if placement == "output":
         y = act(y)
     z_path = torch.stack(zs, dim=-1)  # (n, T, d+1)

@@ -181,11 +181,13 @@ def tree_forward(
     stats: dict[str, Tensor] | None = None,
     save_preact: bool = False,
     config: KernelConfig | None = None,
+    force: Tensor | None = None,
 ) -> ForwardResult:
     """Forward of the neuron-per-node tree FFN (two launches; one where the tree is a single subtree).
 
     With `stats` (the layer's accumulators by file variable name) the batch's counts and sums are added
-    into them inside the same launches. No host sync: the launches are CUDA-graph capturable.
+    into them inside the same launches. `force` (T, 2^d − 1) int8 holds decision nodes to one side (0 left,
+    1 right; −1 free): a pruned tree's routing. No host sync: the launches are CUDA-graph capturable.
     """
     _check(x, w, u, depth)
     cfg = config or default_config(x.shape[0], x.shape[1], u.shape[2], depth)
@@ -210,16 +212,17 @@ def tree_forward(
         return ForwardResult(y, leaf, z, s, grouping)
     record = stats is not None
     st = [stats[name] for name in FORWARD_STATS] if record else [z] * len(FORWARD_STATS)
+    force_arg = force.contiguous() if force is not None else leaf
     common = dict(DEPTH=depth, ACT=ACT_CODES.index(activation), PLACE_OUT=place_out, HAS_BIAS=b is not None,
-                  RECORD=record, TOP=split.top, NBP=split.nbp, DOT_PREC=_dot_precision(x.dtype),
+                  RECORD=record, HAS_FORCE=force is not None, TOP=split.top, NBP=split.nbp, DOT_PREC=_dot_precision(x.dtype),
                   BM=cfg.block_m, BK=cfg.block_k, STAGES=cfg.num_stages, num_warps=cfg.num_warps)  # fmt: skip
     bias = b if b is not None else w
     if split.top:
         route_top_kernel[(triton.cdiv(n, cfg.block_m), trees)](
-            x, w, bias, z, perm, counts, *st[:6], n, d_in, trees, TOPW=split.topw, **common,
+            x, w, bias, z, perm, counts, *st[:6], force_arg, n, d_in, trees, TOPW=split.topw, **common,
         )  # fmt: skip
     subtree_kernel[(_grid_blocks(n, split, cfg.block_m), trees)](
-        x, w, bias, u, y, s if s is not None else y, leaf, z, perm, counts, *st, n, d_in, d_out, trees,
+        x, w, bias, u, y, s if s is not None else y, leaf, z, perm, counts, *st, force_arg, n, d_in, d_out, trees,
         SAVE_S=s is not None, Y_ATOMIC=y_atomic, SPLIT_A=place_out and x.dtype != torch.float32,
         TOPW=split.topw, SUBL=split.subl, SUBW=split.subw, BO=cfg.block_o, **{**common, **cfg.launch_options()},
     )  # fmt: skip

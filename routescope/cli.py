@@ -19,7 +19,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from routescope.cli_options import AlphaOption, DeltaOption, EpsilonOption, PersistenceOption, thresholds
+from routescope.cli_options import (
+    AlphaOption,
+    DeltaOption,
+    EpsilonOption,
+    PersistenceOption,
+    errors,
+    fail,
+    thresholds,
+)
+from routescope.cli_prune import prune as prune_command
 from routescope.info_text import human_size
 from routescope.store.format import RunFileError, first_line
 
@@ -31,13 +40,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console()
-errors = Console(stderr=True)
-
-
-def fail(message: str) -> None:
-    """Print one line saying what is wrong and what to do, then exit with code 2."""
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
@@ -373,6 +375,9 @@ def _main(
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None,
                       line: str | None = None) -> None:  # fmt: skip
     errors.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+app.command(name="prune")(prune_command)
 
 
 def main() -> None:

@@ -1,11 +1,21 @@
-"""Options that several commands share, declared once: the calibrated tests' thresholds (docs/metrics.md,
-"Thresholds") of `report` and `dash`."""
+"""What several commands share, declared once: the one-line error exit, and the calibrated tests' thresholds
+(docs/metrics.md, "Thresholds") of `report`, `dash` and `prune`."""
 
 from __future__ import annotations
 
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
+
+errors = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    """Print one line saying what is wrong and what to do, then exit with code 2."""
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
 
 # The calibrated tests' thresholds (docs/metrics.md, "Thresholds"), options of `report` and `dash`
 DeltaOption = Annotated[Optional[float], typer.Option(help="Dead: the reach is provably under DELTA of the balanced share "

@@ -236,3 +236,26 @@ def test_register_cap_reaches_the_gpu_launch_only(monkeypatch: pytest.MonkeyPatc
     plain = tt.tree_forward(x, w, b, u, 3, config=dataclasses.replace(capped, max_registers=None))
     res = tt.tree_forward(x, w, b, u, 3, config=capped)
     assert torch.equal(res.leaf, plain.leaf) and torch.equal(res.y, plain.y)
+
+
+@pytest.mark.parametrize("depth,trees", [(2, 1), (4, 3)])
+def test_forced_routing_matches_the_reference(seed: int, depth: int, trees: int) -> None:
+    """Nodes held to one side (a pruned tree): the kernels route, count node_right and compute y as the reference
+    does with the same `force`; free nodes still route by the sign of z."""
+    x = torch.randn(37, 20, device=DEVICE)
+    w, b, u = make_params(trees, depth, 20, 13, bias=True)
+    force = torch.randint(-1, 2, (trees, 2**depth - 1), device=DEVICE, dtype=torch.int8)
+    stats = new_tree_stats(trees, depth, device=DEVICE)
+    with torch.no_grad():
+        y, leaf, z = tree_ops.tree_ffn(x, w, b, u, depth, "gelu", "node", stats, SMALL if not ON_GPU else None, force=force)
+        y_ref, routing = neuron_forward(x, w, b, u, depth, "gelu", "node", force=force)
+    assert torch.equal(tt.leaf_to_path(leaf, depth), routing.path), f"seed {seed}"
+    assert rel_err(y, y_ref) < 1e-5, f"seed {seed}"
+    expected = new_tree_stats(trees, depth, device=DEVICE)
+    accumulate_tree_stats(expected, routing._replace(z=z.double()), depth)
+    for name in ("tokens", "node_visits", "node_right", "leaf_visits"):
+        assert torch.equal(stats[name], expected[name]), f"{name} (seed {seed})"
+    held = force >= 0  # every token through a held node went its way
+    visits, right = stats["node_visits"], stats["node_right"]
+    assert torch.equal(right[held & (force == 1)], visits[held & (force == 1)])
+    assert torch.equal(right[held & (force == 0)], torch.zeros_like(right[held & (force == 0)]))

@@ -48,9 +48,9 @@ def test_stat_layout_covers_every_accumulator_once() -> None:
             assert views[name].shape == ref[name].shape and views[name].dtype == ref[name].dtype, name
 
 
-@pytest.mark.parametrize("placement", ["node", "output"])
+@pytest.mark.parametrize("placement,forced", [("node", False), ("output", False), ("node", True)])
 @pytest.mark.parametrize("record", [False, True])
-def test_opcheck_forward(seed: int, placement: str, record: bool) -> None:
+def test_opcheck_forward(seed: int, placement: str, forced: bool, record: bool) -> None:
     """torch.library.opcheck: schema, fake tensors (static and dynamic shapes), autograd registration. Its AOT
     dispatch checks compare every output of two calls, and `perm` is a workspace whose tail past each subtree's
     count is left uninitialised (and on a GPU in atomic order): the compile tests below check AOT on what matters."""
@@ -60,7 +60,8 @@ def test_opcheck_forward(seed: int, placement: str, record: bool) -> None:
     w = (torch.randn(trees, units, d_in, device=DEVICE) / d_in**0.5).requires_grad_()
     b = (0.3 * torch.randn(trees, units, device=DEVICE)).requires_grad_()
     u = torch.randn(trees, units, d_out, device=DEVICE, requires_grad=True)
-    args = (x, w, b, u, depth, "gelu", placement, placement == "output", record, tree_ops.config_to_list(SMALL))
+    force = torch.randint(-1, 2, (trees, 2**depth - 1), device=DEVICE, dtype=torch.int8) if forced else None
+    args = (x, w, b, u, force, depth, "gelu", placement, placement == "output", record, tree_ops.config_to_list(SMALL))
     torch.library.opcheck(torch.ops.routescope.tree_fwd.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))  # fmt: skip
 

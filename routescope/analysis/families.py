@@ -86,12 +86,16 @@ def histogram_quantile(hist: np.ndarray, lower_edges: np.ndarray, q: float) -> n
     return np.where(total[..., 0] > 0, value, np.nan)
 
 
-def calibrated_counts(hits: np.ndarray, tokens: np.ndarray, share: np.ndarray, th: Thresholds) -> dict[str, np.ndarray]:
-    """Dead and undetermined units of a layer (last axis) by the v2 test against `share` (...), and those with no hit."""
+def unit_masks(hits: np.ndarray, tokens: np.ndarray, share: np.ndarray, th: Thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """(dead, live) per unit (last axis) by the v2 test of its hit rate against δ·`share` (...)."""
     n = np.asarray(tokens, dtype=np.float64)[..., None]
     threshold = th.delta * np.asarray(share, dtype=np.float64)[..., None]
-    dead = below(hits, n, threshold, th.alpha)
-    live = above(hits, n, threshold, th.alpha)
+    return below(hits, n, threshold, th.alpha), above(hits, n, threshold, th.alpha)
+
+
+def calibrated_counts(hits: np.ndarray, tokens: np.ndarray, share: np.ndarray, th: Thresholds) -> dict[str, np.ndarray]:
+    """Dead and undetermined units of a layer (last axis) by the v2 test against `share` (...), and those with no hit."""
+    dead, live = unit_masks(hits, tokens, share, th)
     return {"dead": dead.sum(-1), "undetermined": (~dead & ~live).sum(-1), "zero": (np.asarray(hits) == 0).sum(-1)}
 
 

@@ -121,8 +121,12 @@ class TreeFFN(nn.Module):
             self.leaf_w2 = nn.Parameter(torch.empty(trees, leaves, k, d_out))
             self.leaf_b2 = nn.Parameter(torch.zeros(trees, leaves, d_out)) if bias else None
         self.reset_parameters()
-        # Accumulators: non-persistent buffers, so they follow .to(device) but stay out of checkpoints.
-        for name, tensor in new_tree_stats(trees, depth).items():
+        self.init_recording()
+
+    def init_recording(self) -> None:
+        """The accumulators (non-persistent buffers: they follow .to(device) but stay out of checkpoints) and the
+        recorder's switches, off."""
+        for name, tensor in new_tree_stats(self.spec.trees, self.spec.depth).items():
             self.register_buffer(name, tensor, persistent=False)
         self.recording = False  # set by the recorder; accumulate in forward while True
         self.record_eval = False  # also accumulate in eval mode (off: validation passes stay out)
@@ -158,11 +162,22 @@ class TreeFFN(nn.Module):
             f"{extra}, activation={s.activation!r}, bias={s.bias}"
         )
 
+    def heap_weights(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(w, b, u) of the neuron variant in full heap order (T, 2^(d+1) − 1, ·): the parameters themselves here;
+        a pruned layer (`routescope.prune`) expands its live rows into this shape."""
+        return self.w, self.b, self.u
+
+    def route_force(self) -> Tensor | None:
+        """(T, 2^d − 1) int8 sides that nodes are held to (0 left, 1 right, −1 free), or None: free routing here;
+        a pruned layer holds a node to its live child."""
+        return None
+
     def route_and_compute(self, x: Tensor, path: Tensor | None = None) -> tuple[Tensor, TreeRouting]:
         """x (n, d_in) -> (y (n, d_out), routing); `path` (n, T, d+1) holds the routing fixed."""
         s = self.spec
         if s.variant == "neuron":
-            return neuron_forward(x, self.w, self.b, self.u, s.depth, s.activation, s.placement, path)
+            w, b, u = self.heap_weights()
+            return neuron_forward(x, w, b, u, s.depth, s.activation, s.placement, path, self.route_force())
         return leaf_mlp_forward(
             x, self.w, self.b, self.leaf_w1, self.leaf_b1, self.leaf_w2, self.leaf_b2,
             s.depth, s.activation, path,
@@ -175,7 +190,7 @@ class TreeFFN(nn.Module):
             return True
         return (
             self.backend == "auto" and self.spec.variant == "neuron" and x.is_cuda and tree_triton.available()
-            and x.dtype in tree_triton.DTYPES and self.w.dtype in tree_triton.DTYPES
+            and x.dtype in tree_triton.DTYPES and next(self.parameters()).dtype in tree_triton.DTYPES
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
@@ -190,7 +205,9 @@ class TreeFFN(nn.Module):
             if torch.is_autocast_enabled(x.device.type):  # run the kernel in the autocast dtype
                 flat = flat.to(torch.get_autocast_dtype(x.device.type))
             stats = self.routing_stats() if record else None
-            y, leaf, z = tree_ops.tree_ffn(flat, self.w, self.b, self.u, s.depth, s.activation, s.placement, stats)
+            w, b, u = self.heap_weights()
+            y, leaf, z = tree_ops.tree_ffn(flat, w, b, u, s.depth, s.activation, s.placement, stats,
+                                           force=self.route_force())  # fmt: skip
             if record and self.trace_next:
                 act = ACTIVATIONS[s.activation]
                 fired = (act(z) if s.placement == "node" else z) != 0
