@@ -27,13 +27,17 @@ def _pct(value: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
 def report_table(report: Any) -> Table:
     """The quality check as a table (one row per layer)."""
     table = Table(title=f"prune: window {report.window}, {report.tokens} held-out tokens", box=None)
     for column in ("layer", "family", "units", "params", "window reach", "δ bound", "reached removed", "rerouted"):
         table.add_column(column, justify="left" if column in ("layer", "family") else "right")
     for r in report.layers:
-        table.add_row(r.name, r.family, f"{r.units_before} → {r.units_after}", f"{r.params_before:,} → {r.params_after:,}",
+        table.add_row(r.name, r.family, f"{r.units_before} → {r.units_after}", f"{_count(r.params_before)} → {_count(r.params_after)}",
                       _pct(r.window_reach), _pct(r.bound), _pct(r.reached_removed), _pct(r.rerouted))  # fmt: skip
     return table
 
@@ -136,6 +140,7 @@ def prune(
         console.print_json(data=result)
         return
     console.print(report_table(report))
-    delta_loss = result["delta_loss"]
-    console.print(f"held-out loss {report.loss_before:.4f} → {report.loss_after:.4f} ({delta_loss:+.4f}); "
+    delta_loss, ci = result["delta_loss"], report.delta_loss_ci
+    interval = f", 95% CI {ci[0]:+.4f} to {ci[1]:+.4f} over {len(batches)} batches" if ci else ""
+    console.print(f"held-out loss {report.loss_before:.4f} → {report.loss_after:.4f} ({delta_loss:+.4f}{interval}); "
                   f"{report.removed_units} units removed → [bold]{out}[/] (load it: routescope.load_pruned({str(out)!r}))")  # fmt: skip

@@ -13,6 +13,7 @@ from conftest import run_cli
 
 import routescope
 from routescope import Recorder, TreeFFN
+from routescope.analysis import Thresholds
 from routescope.layers.pruned_tree import PrunedTreeFFN
 from routescope.pruning import PruneError
 from routescope.pruning.quality import unit_sets
@@ -110,6 +111,8 @@ def test_prune_command_end_to_end(debug_run: Path) -> None:
     assert report["removed_units"] > 0 and report["out"] == str(out) and report["window"] == "last-quarter"
     assert report["thresholds"]["delta"] == 0.5 and report["tokens"] > 0
     assert report["delta_loss"] == pytest.approx(report["loss_after"] - report["loss_before"])
+    low, high = report["delta_loss_ci"]
+    assert low <= report["delta_loss"] <= high
     for layer in report["layers"]:
         assert 0 <= layer["reached_removed"] <= 1 and 0 <= layer["rerouted"] <= 1
     model = routescope.load_pruned(out)
@@ -164,3 +167,45 @@ def test_prune_bad_input_is_one_line(debug_run: Path, tmp_path: Path, case: str)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and words in result.stderr, result.stderr
     assert not out.exists() and not list(out.parent.glob(".*.tmp")) if out.parent.exists() else True
+
+
+def test_patched_hugging_face_model_round_trips(tmp_path: Path) -> None:
+    """A `routescope.patch`ed GPT-2 recorded, pruned, saved with save_pruned and loaded into a freshly patched
+    model of the same configuration (the documented route instead of save_pretrained/from_pretrained)."""
+    transformers = pytest.importorskip("transformers")
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64,
+                                                                     n_positions=32))  # fmt: skip
+        routescope.patch(model, family="tree", depth=3, trees=2)
+        return model
+
+    model = fresh()
+    path = tmp_path / "hf.h5"
+    with Recorder(model, path, every=2, sample_tokens=0) as rec:
+        for _ in range(30):
+            model(torch.randint(0, 64, (8, 32)))
+            rec.step()
+    batches = [(torch.randint(0, 64, (4, 32)),) for _ in range(2)]
+    pruned, report = routescope.prune(model, path, th=Thresholds(delta=0.5), batches=batches,
+                                      loss=lambda m, b: m(b[0], labels=b[0]).loss)  # fmt: skip
+    assert report.removed_units > 0 and report.loss_before is not None
+    out = routescope.save_pruned(pruned, tmp_path / "hf.pruned.pt")
+    loaded = routescope.load_pruned(out, model=fresh())
+    loaded.eval(), pruned.eval()  # GPT-2's dropout
+    ids = torch.randint(0, 64, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, pruned(ids).logits)
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences() -> None:
+    from scipy import stats
+
+    from routescope.pruning.quality import paired_interval
+
+    before, after = [2.0, 2.1, 1.9, 2.05], [2.01, 2.12, 1.93, 2.04]
+    diff = [a - b for a, b in zip(after, before)]
+    ref = stats.ttest_1samp(diff, 0.0).confidence_interval(0.95)
+    assert paired_interval(before, after) == pytest.approx((ref.low, ref.high))
+    assert paired_interval([1.0], [1.0]) is None

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -27,7 +28,7 @@ from routescope.layers import L1SparseFFN, TopKMoE, TreeFFN, TreeSpec, find_rout
 from routescope.layers.pruned_tree import PrunedTreeFFN
 from routescope.pruning.cut import PruneError, apply_plans
 from routescope.pruning.plan import LayerPlan, plan_run
-from routescope.pruning.quality import LayerResult, PruneReport, compare, default_loss
+from routescope.pruning.quality import LayerResult, PruneReport, compare, default_loss, paired_interval
 
 PRUNED_FORMAT, PRUNED_VERSION = "routescope-pruned", 1
 
@@ -44,7 +45,9 @@ def prune(model: nn.Module, run: str | Path, window: Window = LAST_QUARTER, th: 
         raise PruneError(f"{run} recorded no routed layer that can be pruned (tree neuron-variant, L1 or MoE layers)")
     pruned = apply_plans(copy.deepcopy(model), plans)
     results, before, after, tokens = compare(model, pruned, plans, batches, loss)
-    return pruned, PruneReport(described, th.as_dict(), results, before, after, tokens)
+    mean = (lambda values: float(np.mean(values)) if values else None)  # noqa: E731
+    return pruned, PruneReport(described, th.as_dict(), results, mean(before), mean(after), tokens,
+                               paired_interval(before, after))  # fmt: skip
 
 
 def layer_structure(layer: nn.Module) -> dict[str, Any]:

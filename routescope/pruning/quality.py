@@ -44,6 +44,7 @@ class PruneReport:
     loss_before: float | None = None
     loss_after: float | None = None
     tokens: int = 0
+    delta_loss_ci: tuple[float, float] | None = None  # 95% t interval of the per-batch (after − before) differences
 
     @property
     def removed_units(self) -> int:
@@ -96,8 +97,8 @@ def default_loss(model: nn.Module, batch: Any) -> Tensor:
 
 @torch.no_grad()
 def held_out(model: nn.Module, batches: list[Any], names: set[str],
-             loss: Callable[[nn.Module, Any], Tensor]) -> tuple[float, dict[str, list[Tensor]]]:  # fmt: skip
-    """Mean loss over `batches` in eval mode, and each named layer's inputs."""
+             loss: Callable[[nn.Module, Any], Tensor]) -> tuple[list[float], dict[str, list[Tensor]]]:  # fmt: skip
+    """The loss of each of `batches` in eval mode, and each named layer's inputs."""
     was_training = model.training
     model.eval()
     seen, handles = _capture(model, names)
@@ -107,7 +108,18 @@ def held_out(model: nn.Module, batches: list[Any], names: set[str],
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return float(np.mean(losses)) if losses else float("nan"), seen
+    return losses, seen
+
+
+def paired_interval(before: list[float], after: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """The t interval of the mean per-batch difference after − before (None with fewer than two batches)."""
+    from scipy import stats
+
+    diff = np.asarray(after) - np.asarray(before)
+    if len(diff) < 2:
+        return None
+    half = stats.t.ppf(0.5 + confidence / 2, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    return float(diff.mean() - half), float(diff.mean() + half)
 
 
 def _full_numbering(plan: LayerPlan, used: Tensor) -> Tensor:
@@ -120,15 +132,15 @@ def _full_numbering(plan: LayerPlan, used: Tensor) -> Tensor:
 
 
 def compare(original: nn.Module, pruned: nn.Module, plans: list[LayerPlan], batches: Iterable[Any] | None,
-            loss: Callable[[nn.Module, Any], Tensor] = default_loss) -> tuple[list[LayerResult], float | None, float | None, int]:  # fmt: skip
-    """Per-layer results and the held-out losses before and after (None without batches), and tokens checked."""
+            loss: Callable[[nn.Module, Any], Tensor] = default_loss) -> tuple[list[LayerResult], list[float], list[float], int]:  # fmt: skip
+    """Per-layer results, the per-batch held-out losses before and after (empty without batches), tokens checked."""
     before_layers, after_layers = dict(find_routed_layers(original)), dict(find_routed_layers(pruned))
     results = [LayerResult(p.name, p.family, p.units_before, p.units_after,
                            sum(t.numel() for t in before_layers[p.name].parameters()),
                            sum(t.numel() for t in after_layers[p.name].parameters()), p.window_reach, p.bound,
                            notes=list(p.notes)) for p in plans]  # fmt: skip
     if batches is None:
-        return results, None, None, 0
+        return results, [], [], 0
     batches = list(batches)
     names = {p.name for p in plans}
     loss_before, inputs_before = held_out(original, batches, names, loss)
