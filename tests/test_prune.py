@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli
@@ -209,3 +210,26 @@ def test_paired_interval_is_the_t_interval_of_the_differences() -> None:
     ref = stats.ttest_1samp(diff, 0.0).confidence_interval(0.95)
     assert paired_interval(before, after) == pytest.approx((ref.low, ref.high))
     assert paired_interval([1.0], [1.0]) is None
+
+
+def test_a_pruned_model_trains_and_records_in_the_full_layout(user_run, tmp_path: Path) -> None:  # noqa: ANN001
+    """Recording a pruned model writes the same file layout; its removed units are never visited, and training
+    moves only the kept rows."""
+    import h5py
+
+    model, path = user_run
+    pruned, _ = routescope.prune(model, path)
+    removed = ~pruned[0].live_mask()
+    optimizer = torch.optim.SGD(pruned.parameters(), lr=0.1)
+    out = tmp_path / "pruned.h5"
+    with Recorder(pruned, out, every=2, sample_tokens=0) as rec:
+        for _ in range(6):
+            loss = pruned(torch.randn(256, 8)).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            rec.step(loss=loss)
+    with h5py.File(out, "r") as f, h5py.File(path, "r") as g:
+        assert f["tree/node_visits"].shape[1:] == g["tree/node_visits"].shape[1:]
+        visits = np.concatenate([f["tree/node_visits"][:, 0], f["tree/leaf_visits"][:, 0]], axis=-1).sum(0)  # (T, units)
+    assert visits[removed.numpy()].sum() == 0 and visits[0, 0] == 6 * 256
