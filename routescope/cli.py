@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from routescope.cli_export import export as export_command
 from routescope.cli_options import (
     AlphaOption,
     DeltaOption,
@@ -378,6 +379,7 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
 
 
 app.command(name="prune")(prune_command)
+app.command(name="export")(export_command)
 
 
 def main() -> None:
