@@ -88,7 +88,8 @@ def test_hf_callback_marks_a_failed_run(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 # ---------------------------------------------------------------------------------------------- lightning
-def lightning_fit(path: Path, fail_at: int | None = None) -> tuple[list[float], object]:
+def lightning_fit(path: Path, fail_at: int | None = None, logger: object = False,
+                  **options: object) -> tuple[list[float], object]:  # fmt: skip
     """Fit the trainers' tree GPT with accumulate_grad_batches=2; return the raw micro-batch losses."""
     pl = pytest.importorskip("lightning.pytorch")
     from routescope.integrations.lightning import RoutescopeCallback
@@ -113,9 +114,9 @@ def lightning_fit(path: Path, fail_at: int | None = None) -> tuple[list[float], 
     module = Module()
     data = torch.utils.data.DataLoader(windows(BATCH * ACCUMULATE * STEPS), batch_size=BATCH)
     trainer = pl.Trainer(
-        max_steps=STEPS, accumulate_grad_batches=ACCUMULATE, accelerator="cpu", devices=1, logger=False,
+        max_steps=STEPS, accumulate_grad_batches=ACCUMULATE, accelerator="cpu", devices=1, logger=logger,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[RoutescopeCallback(path, every=EVERY, sample_tokens=4)],
+        callbacks=[RoutescopeCallback(path, every=EVERY, sample_tokens=4, **options)],
     )  # fmt: skip
     trainer.fit(module, data)
     return module.losses, trainer
@@ -133,6 +134,20 @@ def test_lightning_callback_rows_tokens_and_losses(tmp_path: Path) -> None:
     np.testing.assert_allclose(run["train_loss"], expected, rtol=1e-5)
     np.testing.assert_allclose(run["lr"], 1e-3)
     assert run["run_state"] == 1
+
+
+def test_lightning_callback_logs_into_the_trainers_logger(tmp_path: Path) -> None:
+    """log_to="trainer": the bounded metric set reaches the Trainer's own logger (here a CSVLogger) at each
+    interval end, under routescope/<family>/layer<L>/<metric>."""
+    import pandas as pd
+    from lightning.pytorch.loggers import CSVLogger
+
+    lightning_fit(tmp_path / "pl.h5", logger=CSVLogger(tmp_path / "logs", name="x"), log_to="trainer")
+    (metrics_file,) = (tmp_path / "logs").rglob("metrics.csv")
+    frame = pd.read_csv(metrics_file)
+    column = "routescope/tree/layer0/leaf_entropy_norm"
+    assert column in frame and frame[column].notna().sum() == ROWS
+    assert sorted(frame.loc[frame[column].notna(), "step"]) == [EVERY * (i + 1) for i in range(ROWS)]
 
 
 def test_lightning_callback_marks_a_failed_run(tmp_path: Path) -> None:

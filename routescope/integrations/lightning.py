@@ -54,6 +54,10 @@ class RoutescopeCallback(pl.Callback):
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
         }  # fmt: skip
         options = {"config": config, **self.recorder_options}
+        if options.get("log_to") == "trainer":  # the Trainer's own logger(s): TensorBoard, W&B, CSV, ...
+            if not trainer.loggers:
+                raise ValueError("log_to='trainer' needs a Lightning logger; give Trainer(logger=...) or another log_to")
+            options["log_to"] = lambda values, step: [lg.log_metrics(values, step) for lg in trainer.loggers] and None
         self.recorder = Recorder(pl_module, self.path, every=self.every, **options)
         self.recorder.global_step = self._last_step = trainer.global_step  # resumed runs keep their steps
         self._losses = []

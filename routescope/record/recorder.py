@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from routescope.layers import select_routed_layers
 from routescope.record import distributed
+from routescope.record.live_log import make_live_log
 from routescope.record.packing import (
     Interval,
     layout_of,
@@ -71,6 +72,8 @@ class Recorder:
     `sample_tokens` or `config` (keys in `config_may_differ`, dotted, excepted) is refused with
     RunFileError. resume_step: cut the file to the intervals closing at or before this step first
     (the step of the training checkpoint being resumed). Only one Recorder may write a file at a time.
+    log_to: also hand a few metrics per layer to a tracker at each interval end (record/live_log.py):
+    "tensorboard" (event files in RUN.tb/), "wandb" (the active run), a SummaryWriter, or callable(values, step).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class Recorder:
         config_may_differ: tuple[str, ...] = (),
         reserve_bytes: int | None = None,
         fsync: bool = False,
+        log_to: Any = None,
     ) -> None:
         if every < 1:
             raise ValueError("every must be >= 1")
@@ -115,6 +119,8 @@ class Recorder:
             raise ValueError(f"reserve_bytes must be >= 0 (0: no free-space check), got {reserve_bytes}")
         self.reserve_bytes = reserve_bytes
         self.fsync = fsync
+        self.log_to = log_to  # live metrics for a tracker (record/live_log.py): "tensorboard", "wandb", a writer, a callable
+        self._live: Any = None
         self.global_step = 0
         self._generator = torch.Generator().manual_seed(seed)
         self._writer: RunWriter | None = None
@@ -162,6 +168,8 @@ class Recorder:
         # Only rank 0 writes; every rank learns whether it could open the file and where a resumed run goes on.
         writer, resumed = distributed.open_on_writer(make, lambda w: w.resumed_from)
         self._writer = writer if writer is not None else distributed.NullWriter()
+        if writer is not None:
+            self._live = make_live_log(self.log_to, self.path, self.layers)
         step, tokens, elapsed = resumed if resumed is not None else (0, 0, 0.0)
         if self.resume:
             self.global_step = self.resume_step if self.resume_step is not None else step
@@ -190,6 +198,8 @@ class Recorder:
                 self._queue.put(None)
                 self._thread.join()
             writer, self._writer = self._writer, None
+            if self._live is not None:
+                self._live.close()
             try:
                 writer.close("failed" if self._error is not None and state == "finished" else state,
                              failure=_reason(self._error) if self._error is not None else None)  # fmt: skip
@@ -372,6 +382,13 @@ class Recorder:
         if not self._warned_nonfinite:
             self._warn_nonfinite(item.step, groups)
         self._writer.append_interval(item.step, None, scalars, traces, groups=groups)
+        if self._live is not None:
+            try:
+                self._live(item.step, groups, scalars)
+            except Exception as err:  # noqa: BLE001 - a tracker's failure must not stop the recording
+                warnings.warn(f"live logging stopped ({_reason(err)}); the run file is still written", RuntimeWarning,
+                              stacklevel=1)  # fmt: skip
+                self._live = None
 
 
 def _reason(err: BaseException) -> str:
