@@ -25,7 +25,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from routescope.layers import aux_loss
+from routescope.layers import TopKMoE, aux_loss
 from routescope.record.recorder import Recorder
 from routescope.trainers.data import Corpus
 from routescope.trainers.user_data import load_corpus
@@ -217,8 +217,10 @@ def train(
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         first = state["step"] + 1
+    balanced = [m for m in model.modules() if isinstance(m, TopKMoE) and m.spec.balance_coef > 0]
     recorder = (
         Recorder(model, out, every=cfg.record_every, sample_tokens=cfg.sample_tokens,
+                 scalars=("train_loss", "val_loss", "lr", *(("balance_loss",) if balanced else ())),
                  config={"preset": cfg.to_dict(), "device": str(dev), "precision": precision}, overwrite=overwrite,
                  resume=resume, resume_step=first - 1 if resume else None,
                  config_may_differ=("preset.steps", "device", "precision"),
@@ -258,8 +260,9 @@ def train(
                 val = evaluate(model, corpus, cfg, dev, precision)
                 if rec is not None:
                     rec.log(val_loss=val)
-            if rec is not None:
-                rec.step(loss=loss, token_ids=x, lr=lr)
+            if rec is not None:  # balance_loss: what the MoE layers add, for report's balance-loss audit
+                balance = {"balance_loss": sum(m.aux_loss() for m in balanced).detach()} if balanced else {}
+                rec.step(loss=loss, token_ids=x, lr=lr, **balance)
             due = step % cfg.record_every == 0 and time.monotonic() - saved_at >= checkpoint_minutes * 60
             if checkpoint and ckpt is not None and (due or step == cfg.steps):  # at interval ends: resume needs them
                 save_checkpoint(ckpt, model, optimizer, step, generator, val, initial_val, fsync=fsync)

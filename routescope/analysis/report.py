@@ -15,6 +15,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from routescope.analysis.balance_audit import balance_audit
 from routescope.analysis.calibrated import DEFAULT, Thresholds
 from routescope.analysis.family import FAMILY_ANALYSES, legend, number
 from routescope.analysis.window import (
@@ -71,6 +72,11 @@ def build_report(path: str | Path, window: Window = LAST_QUARTER, layers: list[i
             "run": next(iter(means.values())),
             "families": means,
         }
+        if "moe" in datasets:  # is the balance loss the model reports the one its routing implies?
+            moe_steps = datasets["moe"]["step"].values
+            span = resolve_window(moe_steps, window)
+            result["balance_audit"] = balance_audit(select_window(datasets["moe"], span),
+                                                    select_window(run.dataset("run"), span))  # fmt: skip
         if events and "tree" in datasets and chosen["tree"] != []:
             span = ALL if window == LAST_QUARTER else window  # events need the run's history, not just its end
             result["events"] = _events(select_window(datasets["tree"], span), chosen["tree"], th)
@@ -162,6 +168,11 @@ def report_table(report: dict[str, Any], with_legend: bool = True) -> Group:
     if with_legend:
         tables.append(legend_text(shown))
     warnings = [Text(line, style="bold red") for line in nonfinite_warnings(report)]
+    audit = report.get("balance_audit")
+    if audit and audit["status"] == "flagged":
+        warnings.append(Text(f"MoE balance loss flagged: {audit['cause']}", style="bold red"))
+    elif audit and audit["status"] == "ok":
+        tables.append(Text(f"MoE balance loss: the reported loss matches the recorded routing (ratio {audit['ratio']:.3f})"))
     return Group(*tables, *warnings)
 
 
