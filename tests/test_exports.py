@@ -136,3 +136,61 @@ def test_a_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib, "import_module", fake)
     with pytest.raises(MissingExtra, match=r"pip install 'routescope\[zarr\]'"):
         require("zarr")
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows of an offline W&B run file, parsed with wandb's own protobuf Record over the file's
+    LevelDB-log framing (7-byte header; 32 KiB blocks of crc32c, length, type records)."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, pending, rows = 7, 32768, b"", []
+
+    def parse(raw: bytes) -> None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            parse(chunk)
+        elif kind in (2, 3):
+            pending = chunk if kind == 2 else pending + chunk
+        elif kind == 4:
+            parse(pending + chunk)
+    return rows
+
+
+def test_wandb_offline_run_holds_the_bounded_keys_and_exact_tables(runs: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("wandb")
+    import json
+
+    from routescope.exports.writers import WANDB_METRICS
+
+    path = runs["debug"]
+    (written,) = export(path, "wandb", tmp_path / "wb")
+    rows = wandb_history(written)
+    metrics = metric_table(groups(path))
+    want = metrics[(metrics.metric == "leaf_entropy_norm") & (metrics.layer == 1)].dropna()
+    got = {r["_step"]: r["routescope/tree/layer1/leaf_entropy_norm"] for r in rows if "routescope/tree/layer1/leaf_entropy_norm" in r}
+    assert sorted(got) == want.step.tolist()
+    np.testing.assert_allclose([got[s] for s in want.step], want.value.to_numpy(), rtol=1e-12)
+    scalar_keys = {k for r in rows for k in r if not k.startswith("_") and k.count("/") == 3}
+    layers = routescope.open(path).sizes["layer"]
+    assert len(scalar_keys) <= layers * len(WANDB_METRICS["tree"]) + 2, "a few keys per layer, not one per unit"
+    (table_file,) = written.parent.glob("files/media/table/routescope/tree/layer0/unit_counts*.table.json")
+    table = json.loads(table_file.read_text())
+    ds = routescope.open(path)
+    last = [row for row in table["data"] if row[0] == int(ds["step"][-1])]
+    depth, trees = int(ds["layer_depth"][0]), int(ds["layer_trees"][0])
+    exact = ds["leaf_visits"].isel(layer=0, step=-1).values[:trees, : 2**depth].reshape(-1)
+    assert [row[2] for row in sorted(last, key=lambda r: r[1])] == exact.tolist()

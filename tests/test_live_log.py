@@ -67,6 +67,31 @@ def test_a_failing_tracker_warns_and_the_run_is_still_written(tmp_path: Path) ->
     assert routescope.open(tmp_path / "run.h5").sizes["step"] == 7
 
 
-def test_bad_log_to_is_refused(tmp_path: Path) -> None:
+def test_bad_log_to_is_refused_before_any_file_is_made(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="log_to must be"):
         record(tmp_path / "run.h5", 42)
+    assert not (tmp_path / "run.h5").exists()
+
+
+def test_wandb_live_logging_into_the_active_offline_run(tmp_path: Path) -> None:
+    wandb = pytest.importorskip("wandb")
+    from test_exports import wandb_history
+
+    run = wandb.init(dir=str(tmp_path), project="t", settings=wandb.Settings(mode="offline", silent=True, console="off"))
+    try:
+        record(tmp_path / "run.h5", "wandb")
+    finally:
+        run.finish()
+    (written,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    rows = [r for r in wandb_history(written) if "routescope/step" in r]
+    tree = timeseries(routescope.open(tmp_path / "run.h5"), rolling=5)
+    assert [r["routescope/step"] for r in rows] == tree["step"].values.tolist()
+    np.testing.assert_allclose([r["routescope/tree/layer0/leaf_entropy_norm"] for r in rows],
+                               tree["leaf_entropy_norm"].values[:, 0], rtol=1e-12)  # fmt: skip
+
+
+def test_wandb_without_an_active_run_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip("wandb")
+    with pytest.raises(ValueError, match="call wandb.init"):
+        record(tmp_path / "run.h5", "wandb")
+    assert not (tmp_path / "run.h5").exists()

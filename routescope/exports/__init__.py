@@ -6,7 +6,8 @@ Parquet: tidy tables pandas and polars read (metrics per step × layer × metric
 node, × leaf, × L1 unit, × MoE expert; the run's losses). Zarr: every group as xarray writes it, for object
 storage; `xr.open_zarr(out, group=...)` gives back `routescope.open`'s Dataset. TensorBoard: scalars under
 `routescope/<family>/layer<L>/<metric>`, histograms with one bucket per leaf or expert (the exact counts, not
-re-binned), a units × steps heatmap image per layer.
+re-binned), a units × steps heatmap image per layer. W&B: an offline run directory (`wandb sync` uploads it)
+with a few metrics per layer and the per-unit counts as tables.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pathlib import Path
 from routescope.analysis.calibrated import DEFAULT, PERSISTENCE, Thresholds
 from routescope.analysis.window import Window
 from routescope.exports.tables import count_tables, groups, metric_table
-from routescope.exports.writers import MissingExtra, to_parquet, to_tensorboard, to_zarr
+from routescope.exports.writers import MissingExtra, to_parquet, to_tensorboard, to_wandb, to_zarr
 
-TARGETS = ("parquet", "zarr", "tensorboard")
+TARGETS = ("parquet", "zarr", "tensorboard", "wandb")
 LIVE_SECONDS = 120.0  # a "running" file modified this recently is still being written
 
 __all__ = ["TARGETS", "ExportError", "MissingExtra", "count_tables", "export", "metric_table"]
@@ -55,8 +56,10 @@ def export(path: str | Path, to: str, out: str | Path, window: Window = (None, N
             written = to_parquet(datasets, partial, rolling, th)
         elif to == "zarr":
             written = to_zarr(datasets, partial)
-        else:
+        elif to == "tensorboard":
             written = to_tensorboard(datasets, partial, rolling, th)
+        else:
+            written = to_wandb(datasets, partial, path.stem, summary.get("config") or {}, rolling, th)
         partial.rename(out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)

@@ -12,7 +12,13 @@ import xarray as xr
 from routescope.analysis.calibrated import DEFAULT, PERSISTENCE, Thresholds
 from routescope.exports.tables import count_tables, exact_histogram, layer_names, metric_curves, metric_table
 
-EXTRAS = {"parquet": ("pyarrow", "parquet"), "zarr": ("zarr", "zarr"), "tensorboard": ("tensorboard", "tensorboard")}
+EXTRAS = {"parquet": ("pyarrow", "parquet"), "zarr": ("zarr", "zarr"), "tensorboard": ("tensorboard", "tensorboard"),
+          "wandb": ("wandb", "wandb")}  # fmt: skip
+WANDB_METRICS = {  # the bounded key set: a few metrics per layer (the live log's), never one series per unit
+    "tree": ("static_fraction", "dead_fraction", "frozen_fraction", "leaf_entropy_norm", "right_starved_share"),
+    "l1": ("active_fraction", "dead_fraction"),
+    "moe": ("load_cv", "dead_experts", "router_entropy_norm", "drop_fraction"),
+}
 
 
 class MissingExtra(ImportError):
@@ -117,3 +123,52 @@ def _histograms_and_heatmaps(writer, family: str, ds: xr.Dataset) -> None:  # no
         share = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # (steps, units): each interval's shares
         image = (share.T / max(float(share.max()), 1e-12) * 255).astype(np.uint8)  # units × steps, brightest = busiest
         writer.add_image(f"routescope/{family}/layer{layer}/{what}_heatmap", image[None], int(steps[-1]), dataformats="CHW")
+
+
+def to_wandb(datasets: dict[str, xr.Dataset], out: Path, name: str, config: dict, rolling: int | None = PERSISTENCE,
+             th: Thresholds = DEFAULT) -> list[Path]:  # fmt: skip
+    """An offline W&B run under `out` (`wandb sync` uploads it later): per interval a few metrics per layer and
+    the losses, keyed by the interval's step; per layer, its per-unit counts as one table (step, unit, count)
+    and a units × steps heatmap image."""
+    require("wandb")
+    import wandb
+
+    settings = wandb.Settings(mode="offline", silent=True, console="off", save_code=False, disable_git=True,
+                              x_disable_stats=True, x_disable_meta=True)  # fmt: skip
+    run = wandb.init(dir=str(out), project="routescope", name=name, config=config, settings=settings)
+    try:
+        rows: dict[int, dict[str, float]] = {}
+        for family, ds in datasets.items():
+            if family == "run":
+                for metric in ("train_loss", "val_loss"):
+                    if metric in ds:
+                        for step, value in zip(ds["step"].values, ds[metric].values):
+                            if np.isfinite(value):
+                                rows.setdefault(int(step), {})[f"routescope/run/{metric}"] = float(value)
+                continue
+            curves = metric_curves(ds, family, rolling, th)
+            for metric in WANDB_METRICS[family]:
+                for layer in curves["layer"].values:
+                    for step, value in zip(ds["step"].values, curves[metric].sel(layer=layer).values):
+                        if np.isfinite(value):
+                            rows.setdefault(int(step), {})[tensorboard_tag(family, int(layer), metric)] = float(value)
+        for step in sorted(rows):
+            run.log(rows[step], step=step)
+        final = {}
+        for family, ds in datasets.items():
+            if family == "run":
+                continue
+            for layer in range(ds.sizes["layer"]):
+                counts = unit_counts(ds, family, layer)
+                steps = ds["step"].values
+                table = wandb.Table(columns=["step", "unit", "count"],
+                                    data=[[int(steps[r]), u, int(c)] for r in range(len(steps)) for u, c in enumerate(counts[r])])  # fmt: skip
+                share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+                image = (share.T / max(float(share.max()), 1e-12) * 255).astype(np.uint8)
+                final[f"routescope/{family}/layer{layer}/unit_counts"] = table
+                final[f"routescope/{family}/layer{layer}/heatmap"] = wandb.Image(image)
+        if final:
+            run.log(final, step=max(rows) if rows else 0)
+    finally:
+        run.finish()
+    return sorted(out.glob("wandb/offline-run-*/run-*.wandb"))

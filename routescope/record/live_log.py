@@ -82,31 +82,45 @@ class LiveLog:
             self._close()
 
 
+def check_log_to(log_to: Any) -> None:
+    """Refuse a `log_to` that cannot work before any file is opened (ValueError, one line)."""
+    if log_to is None or (not isinstance(log_to, str) and (hasattr(log_to, "add_scalar") or callable(log_to))):
+        return
+    if log_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError("log_to='tensorboard' needs the tensorboard package: pip install 'routescope[tensorboard]'") from None
+        return
+    if log_to == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("log_to='wandb' needs the wandb package: pip install 'routescope[wandb]'") from None
+        if wandb.run is None:
+            raise ValueError("log_to='wandb' logs into the active run: call wandb.init(...) before creating the Recorder")
+        return
+    raise ValueError(f"log_to must be 'tensorboard', 'wandb', a SummaryWriter or a callable(values, step); got {log_to!r}")
+
+
 def make_live_log(log_to: Any, run_path: Path, layers: list[tuple[str, Any]], rolling: int = PERSISTENCE) -> LiveLog | None:
     """A LiveLog for `log_to`: "tensorboard" (event files in RUN.tb/ beside the run file), "wandb" (the active
     `wandb.run`), a SummaryWriter-like object (`add_scalar`), or a callable(values, step)."""
     if log_to is None:
         return None
+    check_log_to(log_to)
     if log_to == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ValueError("log_to='tensorboard' needs the tensorboard package: pip install 'routescope[tensorboard]'") from None
+        from torch.utils.tensorboard import SummaryWriter
+
         writer = SummaryWriter(log_dir=str(run_path.with_suffix(".tb")))
         return LiveLog(layers, lambda values, step: [writer.add_scalar(k, v, step) for k, v in values.items()] and None,
                        rolling, close=writer.close)  # fmt: skip
     if log_to == "wandb":
-        try:
-            import wandb
-        except ImportError:
-            raise ValueError("log_to='wandb' needs the wandb package: pip install wandb") from None
-        if wandb.run is None:
-            raise ValueError("log_to='wandb' logs into the active run: call wandb.init(...) before starting the Recorder")
+        import wandb
+
         run = wandb.run
         return LiveLog(layers, lambda values, step: run.log({**values, "routescope/step": step}), rolling)
     if hasattr(log_to, "add_scalar"):
         return LiveLog(layers, lambda values, step: [log_to.add_scalar(k, v, step) for k, v in values.items()] and None,
                        rolling)  # fmt: skip
-    if callable(log_to):
-        return LiveLog(layers, log_to, rolling)
-    raise ValueError(f"log_to must be 'tensorboard', 'wandb', a SummaryWriter or a callable(values, step); got {log_to!r}")
+    return LiveLog(layers, log_to, rolling)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from routescope.layers import select_routed_layers
 from routescope.record import distributed
-from routescope.record.live_log import make_live_log
+from routescope.record.live_log import check_log_to, make_live_log
 from routescope.record.packing import (
     Interval,
     layout_of,
@@ -119,6 +119,7 @@ class Recorder:
             raise ValueError(f"reserve_bytes must be >= 0 (0: no free-space check), got {reserve_bytes}")
         self.reserve_bytes = reserve_bytes
         self.fsync = fsync
+        check_log_to(log_to)
         self.log_to = log_to  # live metrics for a tracker (record/live_log.py): "tensorboard", "wandb", a writer, a callable
         self._live: Any = None
         self.global_step = 0
