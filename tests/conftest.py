@@ -19,6 +19,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def seed() -> int:
+    """A fresh random seed per test (torch seeded with it), for failure messages to report."""
+    value = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(value)
+    return value
+
+
 def open_plain(path: str | Path) -> h5py.File:
     """Plain h5py: a closed run opens as is; a run killed while writing needs h5py's SWMR reader."""
     try:

@@ -4,8 +4,6 @@ output; exactly the tokens that did are rerouted."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -15,13 +13,6 @@ from routescope.layers import L1SparseFFN, TopKMoE, TreeFFN
 from routescope.layers.pruned_tree import PrunedTreeFFN
 from routescope.pruning.cut import cut_l1, cut_moe, cut_tree
 from routescope.pruning.plan import removed_roots, tree_cut
-
-
-@pytest.fixture
-def seed() -> int:
-    value = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(value)
-    return value
 
 
 def states_with_dead(trees: int, depth: int, dead: dict[int, list[int]]) -> np.ndarray:

@@ -8,7 +8,6 @@ are fresh random draws each run; the seed is in every failure message.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -24,13 +23,6 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 # Interpreter: 16-wide tiles, so d_in 20 / d_out 13 / 37 tokens take several partial chunks.
 SMALL = tt.KernelConfig(block_m=16, block_k=16, block_o=16, sub_levels=2, num_warps=1, num_stages=1)
 
-
-@pytest.fixture
-def seed() -> int:
-    """A fresh seed per test, reported on failure."""
-    value = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(value)
-    return value
 
 
 def make_params(trees: int, depth: int, d_in: int, d_out: int, bias: bool, dtype: torch.dtype = torch.float32):

@@ -5,7 +5,6 @@ and records exactly as eager does. On the CPU the kernels run in Triton's interp
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -18,12 +17,6 @@ pytestmark = pytest.mark.skipif(not tt.available(), reason="triton is not instal
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = tt.KernelConfig(block_m=16, block_k=16, block_o=16, sub_levels=2, num_warps=1, num_stages=1)
 
-
-@pytest.fixture
-def seed() -> int:
-    value = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(value)
-    return value
 
 
 def test_config_round_trips_through_the_operator_schema() -> None:

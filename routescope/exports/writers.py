@@ -4,6 +4,7 @@ imports its optional dependency only when used (a missing one names its extra)."
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,11 @@ import xarray as xr
 
 from routescope.analysis.calibrated import DEFAULT, PERSISTENCE, Thresholds
 from routescope.exports.tables import count_tables, exact_histogram, layer_names, metric_curves, metric_table
+from routescope.record.live_log import LIVE_METRICS
 
 EXTRAS = {"parquet": ("pyarrow", "parquet"), "zarr": ("zarr", "zarr"), "tensorboard": ("tensorboard", "tensorboard"),
           "wandb": ("wandb", "wandb")}  # fmt: skip
-WANDB_METRICS = {  # the bounded key set: a few metrics per layer (the live log's), never one series per unit
-    "tree": ("static_fraction", "dead_fraction", "frozen_fraction", "leaf_entropy_norm", "right_starved_share"),
-    "l1": ("active_fraction", "dead_fraction"),
-    "moe": ("load_cv", "dead_experts", "router_entropy_norm", "drop_fraction"),
-}
+WANDB_METRICS = LIVE_METRICS  # the bounded key set: the live log's few metrics per layer, never one series per unit
 
 
 class MissingExtra(ImportError):
@@ -62,6 +60,32 @@ def tensorboard_tag(family: str, layer: int, metric: str) -> str:
     return f"routescope/{family}/layer{layer}/{metric}"
 
 
+def scalar_points(datasets: dict[str, xr.Dataset], rolling: int | None, th: Thresholds,
+                  metrics: dict[str, tuple[str, ...]] | None = None) -> Iterator[tuple[str, int, float]]:
+    """(tag, step, value) of every finite scalar an export writes: the run's losses, and each layer's metrics
+    (all of them, or `metrics[family]`), per interval."""
+    for family, ds in datasets.items():
+        if family == "run":
+            for name in ("train_loss", "val_loss"):
+                if name in ds:
+                    for step, value in zip(ds["step"].values, ds[name].values):
+                        if np.isfinite(value):
+                            yield f"routescope/run/{name}", int(step), float(value)
+            continue
+        curves = metric_curves(ds, family, rolling, th)
+        for metric in metrics[family] if metrics else curves.data_vars:
+            for layer in curves["layer"].values:
+                for step, value in zip(ds["step"].values, curves[metric].sel(layer=layer).values):
+                    if np.isfinite(value):
+                        yield tensorboard_tag(family, int(layer), metric), int(step), float(value)
+
+
+def heatmap(counts: np.ndarray) -> np.ndarray:
+    """units × steps uint8 image of each interval's shares, the brightest the busiest unit of the run."""
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    return (share.T / max(float(share.max()), 1e-12) * 255).astype(np.uint8)
+
+
 def to_tensorboard(datasets: dict[str, xr.Dataset], out: Path, rolling: int | None = PERSISTENCE, th: Thresholds = DEFAULT) -> list[Path]:
     """Scalars per layer and metric, exact histograms (one bucket per leaf / expert: the interval's counts), a
     units × steps heatmap image per layer, and the run's losses."""
@@ -70,22 +94,11 @@ def to_tensorboard(datasets: dict[str, xr.Dataset], out: Path, rolling: int | No
 
     writer = SummaryWriter(log_dir=str(out))
     try:
+        for tag, step, value in scalar_points(datasets, rolling, th):
+            writer.add_scalar(tag, value, step)
         for family, ds in datasets.items():
-            if family == "run":
-                for name in ("train_loss", "val_loss"):
-                    if name in ds:
-                        for step, value in zip(ds["step"].values, ds[name].values):
-                            if np.isfinite(value):
-                                writer.add_scalar(f"routescope/run/{name}", float(value), int(step))
-                continue
-            curves = metric_curves(ds, family, rolling, th)
-            steps = ds["step"].values
-            for metric in curves.data_vars:
-                for layer in curves["layer"].values:
-                    for step, value in zip(steps, curves[metric].sel(layer=layer).values):
-                        if np.isfinite(value):
-                            writer.add_scalar(tensorboard_tag(family, int(layer), metric), float(value), int(step))
-            _histograms_and_heatmaps(writer, family, ds)
+            if family != "run":
+                _histograms_and_heatmaps(writer, family, ds)
     finally:
         writer.close()
     return sorted(out.glob("events.out.tfevents.*"))
@@ -120,9 +133,7 @@ def _histograms_and_heatmaps(writer, family: str, ds: xr.Dataset) -> None:  # no
                                      num=total, sum=float((index * buckets).sum()),
                                      sum_squares=float((index**2 * buckets).sum()), bucket_limits=limits.tolist(),
                                      bucket_counts=buckets.tolist(), global_step=int(step))  # fmt: skip
-        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # (steps, units): each interval's shares
-        image = (share.T / max(float(share.max()), 1e-12) * 255).astype(np.uint8)  # units × steps, brightest = busiest
-        writer.add_image(f"routescope/{family}/layer{layer}/{what}_heatmap", image[None], int(steps[-1]), dataformats="CHW")
+        writer.add_image(f"routescope/{family}/layer{layer}/{what}_heatmap", heatmap(counts)[None], int(steps[-1]), dataformats="CHW")
 
 
 def to_wandb(datasets: dict[str, xr.Dataset], out: Path, name: str, config: dict, rolling: int | None = PERSISTENCE,
@@ -138,20 +149,8 @@ def to_wandb(datasets: dict[str, xr.Dataset], out: Path, name: str, config: dict
     run = wandb.init(dir=str(out), project="routescope", name=name, config=config, settings=settings)
     try:
         rows: dict[int, dict[str, float]] = {}
-        for family, ds in datasets.items():
-            if family == "run":
-                for metric in ("train_loss", "val_loss"):
-                    if metric in ds:
-                        for step, value in zip(ds["step"].values, ds[metric].values):
-                            if np.isfinite(value):
-                                rows.setdefault(int(step), {})[f"routescope/run/{metric}"] = float(value)
-                continue
-            curves = metric_curves(ds, family, rolling, th)
-            for metric in WANDB_METRICS[family]:
-                for layer in curves["layer"].values:
-                    for step, value in zip(ds["step"].values, curves[metric].sel(layer=layer).values):
-                        if np.isfinite(value):
-                            rows.setdefault(int(step), {})[tensorboard_tag(family, int(layer), metric)] = float(value)
+        for tag, step, value in scalar_points(datasets, rolling, th, WANDB_METRICS):
+            rows.setdefault(step, {})[tag] = value
         for step in sorted(rows):
             run.log(rows[step], step=step)
         final = {}
@@ -163,10 +162,8 @@ def to_wandb(datasets: dict[str, xr.Dataset], out: Path, name: str, config: dict
                 steps = ds["step"].values
                 table = wandb.Table(columns=["step", "unit", "count"],
                                     data=[[int(steps[r]), u, int(c)] for r in range(len(steps)) for u, c in enumerate(counts[r])])  # fmt: skip
-                share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-                image = (share.T / max(float(share.max()), 1e-12) * 255).astype(np.uint8)
                 final[f"routescope/{family}/layer{layer}/unit_counts"] = table
-                final[f"routescope/{family}/layer{layer}/heatmap"] = wandb.Image(image)
+                final[f"routescope/{family}/layer{layer}/heatmap"] = wandb.Image(heatmap(counts))
         if final:
             run.log(final, step=max(rows) if rows else 0)
     finally:
