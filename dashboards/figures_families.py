@@ -185,3 +185,18 @@ def family_curves(
 
 __all__ = ["L1_PANELS", "MOE_PANELS", "active_units_histogram", "coselect_heatmap", "expert_load_bars",
            "expert_load_heatmap", "family_curves", "unit_firing_rates"]  # fmt: skip
+
+
+def balance_figure(steps: np.ndarray, expected: np.ndarray, reported: np.ndarray | None, audit: dict, label: str) -> go.Figure:
+    """The balance-loss audit over training: the loss the recorded routing implies (Σ coef · E · Σ f·P) and the
+    one the model reported, with the audit's verdict in the title."""
+    fig = go.Figure()
+    fig.add_scatter(x=steps, y=expected, mode="lines", name="implied by the recorded routing")
+    if reported is not None:
+        fig.add_scatter(x=steps, y=reported, mode="lines+markers", name="reported (balance_loss)")
+    verdict = {"ok": f"matches (ratio {audit['ratio']:.3f})" if audit.get("ratio") is not None else "matches",
+               "flagged": f"FLAGGED: {audit.get('cause')}", "off": "no balance loss configured",
+               "not recorded": "reported loss not recorded"}.get(audit["status"], audit["status"])  # fmt: skip
+    fig.update_layout(title=f"MoE balance loss, {label}: {verdict}", xaxis_title="step", yaxis_title="balance loss",
+                      margin=dict(t=60))  # fmt: skip
+    return fig

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, dcc
 
@@ -50,10 +51,28 @@ class MoEViews(GroupViews):
         return heatmap, FF.family_curves(steps, curves, FF.MOE_PANELS, title)
 
 
+    def moe_balance(self, run: int | None) -> go.Figure:
+        """The run's balance-loss audit over training (analysis.balance_audit): implied vs reported loss."""
+        from routescope.analysis.balance_audit import balance_audit, recomputed_balance
+        from routescope.analysis.families import family_layers
+
+        src = self.source(run)
+        moe = src.families.get("moe")
+        if moe is None or src.run is None:
+            return self._empty("this run has no MoE layers")
+        coefs = np.array([float(layer.config.get("balance_coef", 0.0)) for layer in family_layers(moe, "moe")])
+        expected = (recomputed_balance(moe) * coefs[None, :]).sum(1)
+        steps = moe["step"].values
+        reported = None
+        if "balance_loss" in src.run:
+            reported = np.interp(steps, src.run["step"].values, src.run["balance_loss"].values)
+        return FF.balance_figure(steps, expected, reported, balance_audit(moe, src.run), src.label)
+
+
 def _tabs(board: Any, row: dict[str, str]) -> list[dcc.Tab]:
     sources: list[RunSource] = board.sources
     views = [side_by_side((graph("moe-bars-graph", 420), "1.3"), (graph("moe-coselect-graph", 420), "1")),
-             graph("moe-heatmap-graph", 360), graph("moe-curves-graph", 760)]  # fmt: skip
+             graph("moe-heatmap-graph", 360), graph("moe-curves-graph", 760), graph("moe-balance-graph", 320)]  # fmt: skip
     return [group_tab("moe", MOE_VIEW.label, "load_cv", sources, row, views)]
 
 
@@ -68,7 +87,11 @@ def _register(app: Dash, board: MoEViews) -> list[str]:
     def _moe_curves(_v: int, run: int, layer: int) -> tuple[go.Figure, go.Figure]:
         return board.moe_over_training(run, layer)
 
-    return ["moe-bars-graph", "moe-coselect-graph", "moe-heatmap-graph", "moe-curves-graph",
+    @app.callback(Output("moe-balance-graph", "figure"), Input("version", "data"), Input("run", "value"))
+    def _moe_balance(_v: int, run: int) -> go.Figure:
+        return board.moe_balance(run)
+
+    return ["moe-bars-graph", "moe-coselect-graph", "moe-heatmap-graph", "moe-curves-graph", "moe-balance-graph",
             *register_compare(app, board, "moe")]  # fmt: skip
 
 

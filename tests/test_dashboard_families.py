@@ -174,11 +174,34 @@ def test_moe_views_match_the_file(runs: dict[str, Path], monkeypatch: pytest.Mon
         np.testing.assert_allclose(trace.y, getattr(rolling, name).values[:, 0], equal_nan=True)
 
 
+def test_moe_balance_view_draws_the_audit(tmp_path: Path) -> None:
+    """The MoE tab's balance-loss panel: the loss the recorded routing implies, the reported one, and the audit's
+    verdict, for a `record` run with a balance coefficient."""
+    from dataclasses import replace
+
+    from routescope.analysis.balance_audit import balance_audit, recomputed_balance
+    from routescope.trainers.presets import get_preset
+    from routescope.trainers.train import train
+
+    cfg = get_preset("debug-moe", steps=8, record_every=2)
+    cfg = replace(cfg, model=replace(cfg.model, balance_coef=0.01), batch_size=32)
+    path = tmp_path / "moe.h5"
+    train(cfg, out=path, device="cpu", show_progress=False)
+    fig = create_app([path]).board.moe_balance(0)
+    moe, run = routescope.open(path, group="moe"), routescope.open(path, group="run")
+    implied = next(t for t in fig.data if t.name.startswith("implied"))
+    np.testing.assert_allclose(implied.y, 0.01 * recomputed_balance(moe).sum(1))
+    reported = next(t for t in fig.data if t.name.startswith("reported"))
+    np.testing.assert_allclose(reported.y, run["balance_loss"].values)
+    assert balance_audit(moe, run)["status"] == "ok" and "matches" in fig.layout.title.text
+
+
 def test_views_of_a_family_a_run_lacks_say_so(runs: dict[str, Path]) -> None:
     app = create_app([runs["l1"], runs["moe"]])
     assert _tab_values(app) == ["l1", "moe"]
     board = app.board
-    for fig in (*board.moe_at_step(0, 0, None), *board.l1_at_step(1, 0, None), board.l1_over_training(1, 0)):
+    for fig in (*board.moe_at_step(0, 0, None), *board.l1_at_step(1, 0, None), board.l1_over_training(1, 0),
+                board.moe_balance(0)):
         assert not fig.data and "has no" in fig.layout.annotations[0].text
     assert "layers 0..1 only" in board.l1_over_training(0, 7).layout.annotations[0].text
     assert "has no tree layers (see the L1 units tab)" in board.paths(0, 0, None, False).layout.annotations[0].text
