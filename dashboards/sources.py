@@ -205,7 +205,7 @@ class RunSource:
         with self._lock:
             cache, n = self._cache, self.n_steps
             if self.tree is None or n == cache.steps:
-                return cache.curves
+                return {**cache.curves, **self.probe_curves()} if self.tree is not None else cache.curves
             # rolling windows of K intervals (the v2 tests need the tokens of several intervals); the K − 1
             # rows before the new ones are read again so that the first new window is whole
             k = self.th.persistence
@@ -216,7 +216,18 @@ class RunSource:
                 block = new[name].values
                 cache.curves[name] = block if name not in cache.curves else np.concatenate([cache.curves[name], block])
             cache.steps = n
-            return cache.curves
+            return {**cache.curves, **self.probe_curves()}
+
+    def probe_curves(self) -> dict[str, np.ndarray]:
+        """{"routing_stability": (step, layer)} from the file's probe group (analysis.stability), or {} without one;
+        relative to the latest interval, so recomputed on every call (the probe is small)."""
+        if self._file is None or "probe" not in self._file or not self._file.has_variable("probe", "leaf"):
+            return {}
+        from routescope.analysis.stability import probe_stability
+
+        stable = probe_stability(self._file.dataset("probe"))["tree_stable"].values
+        n = min(len(stable), self.n_steps)
+        return {"routing_stability": stable[:n]} if n == self.n_steps else {}
 
     def mu(self, layer: int, tree: int) -> np.ndarray:
         """μ_n per interval for one tree, (step, node); NaN where a node got no tokens. Cached."""

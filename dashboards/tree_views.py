@@ -28,6 +28,7 @@ METRIC_LABELS = {
     "firing_fraction": "firing fraction",
     "leaf_gini": "leaf Gini",
     "leaf_entropy_norm": "leaf entropy (normalised)",
+    "routing_stability": "routing stability (probe tokens routed as at the end)",
 }
 # Losses are one curve per run, dense baselines included: offered beside the metrics in Curves and Compare.
 LOSS_LABELS = {"val_loss": "validation loss", "train_loss": "training loss"}
@@ -108,6 +109,9 @@ class TreeViews(HostedViews):
             return (self._empty(f"{LABELS[metric]}: one curve per run, no layers (see below)"),
                     F.loss_figure(loss, f"{LABELS[metric]}, {src.label}"))  # fmt: skip
         curves = src.curves()
+        if metric == "routing_stability" and metric not in curves and src.tree is not None:
+            empty = self._empty(f"{src.label} has no probe group (record it with --probe-tokens, or Recorder(probe=...))")
+            return empty, empty
         if metric not in curves or src.n_steps == 0:
             empty = self._empty(self._no_tree(src))
             return empty, empty

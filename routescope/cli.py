@@ -70,6 +70,8 @@ def record(
     data: Annotated[Optional[Path], typer.Option(help="Train on this corpus instead of Shakespeare: a UTF-8 text "
                     "file or folder (bytes), or a nanoGPT uint16 .bin (with --vocab-size).")] = None,  # fmt: skip
     vocab_size: Annotated[Optional[int], typer.Option(min=2, help="Vocabulary size of a tokenized --data .bin.")] = None,
+    probe_tokens: Annotated[int, typer.Option(min=0, help="Validation tokens routed at each interval end for routing "
+                            "stability (group `probe`; 0: off).")] = 256,  # fmt: skip
     checkpoint_minutes: Annotated[float, typer.Option(min=0, help="Minutes of training between checkpoints "
                                   "(RUN.ckpt.pt, at an interval end; 0: every interval). A kill loses at most this "
                                   "much training; the run file keeps every interval.")] = 10.0,  # fmt: skip
@@ -127,7 +129,7 @@ def record(
         reserve = None if reserve_mib is None else int(reserve_mib * 2**20)
         result = train(cfg, out=out, device=device, overwrite=overwrite, checkpoint=True, resume=resume is not None,
                        reserve_bytes=reserve, fsync=fsync, precision=precision, compile=compile_,
-                       checkpoint_minutes=checkpoint_minutes)  # fmt: skip
+                       checkpoint_minutes=checkpoint_minutes, probe_tokens=probe_tokens)  # fmt: skip
     except KeyboardInterrupt:
         if out.with_suffix(".ckpt.pt").exists():
             fail(f"interrupted; {out} holds every interval recorded so far (marked 'interrupted'); continue it with "

@@ -34,6 +34,8 @@ from routescope.trainers.presets import TrainConfig
 
 LOG_EVERY = 10  # steps between progress-bar loss updates (each one is a host sync)
 CHECKPOINT_MINUTES = 10.0  # wall time between training checkpoints (and one at the end)
+PROBE_TOKENS = 256  # validation tokens routed at each interval end for routing stability (the `probe` group)
+PROBE_SEED = 1234  # the probe's sequences: the same in every run of a corpus
 PRECISIONS = ("auto", "bf16", "fp32")
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) for the MFU line, by a substring of the device name
 BF16_PEAK_FLOPS = (("H200", 989.4e12), ("H100 PCIe", 756.5e12), ("H100", 989.4e12), ("A100", 312e12), ("L40S", 362.1e12))
@@ -177,6 +179,7 @@ def train(
     precision: str = "auto",
     compile: bool = False,
     checkpoint_minutes: float = CHECKPOINT_MINUTES,
+    probe_tokens: int = PROBE_TOKENS,
 ) -> TrainResult:
     """Train the preset's model on the corpus; record routing to `out` when given.
 
@@ -186,6 +189,8 @@ def train(
     reserve_bytes: the Recorder's free-space reserve (None: its default; 0: no check). fsync: the Recorder's.
     precision: "auto" (bf16 autocast on CUDA, fp32 on the CPU), "bf16" or "fp32". compile: torch.compile the
     training forward (inductor). On CUDA the optimizer is the fused AdamW and batches are gathered on the device.
+    probe_tokens: at least this many validation tokens (whole sequences, drawn once) are routed at each interval
+    end into the file's `probe` group, for routing stability (0: none; a resumed run keeps the probe it had).
     """
     if checkpoint_minutes < 0:
         raise ValueError(f"--checkpoint-minutes must be 0 or more, got {checkpoint_minutes}")
@@ -218,13 +223,16 @@ def train(
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         first = state["step"] + 1
     balanced = [m for m in model.modules() if isinstance(m, TopKMoE) and m.spec.balance_coef > 0]
+    if resume and out is not None:
+        probe_tokens = recorded_probe_tokens(out)  # the file decides: a resume keeps the group as it was
+    probe = probe_batch(corpus, probe_tokens, cfg.model.seq_len, dev) if probe_tokens > 0 and cfg.model.mlp in ("tree", "moe") else None
     recorder = (
         Recorder(model, out, every=cfg.record_every, sample_tokens=cfg.sample_tokens,
                  scalars=("train_loss", "val_loss", "lr", *(("balance_loss",) if balanced else ())),
                  config={"preset": cfg.to_dict(), "device": str(dev), "precision": precision}, overwrite=overwrite,
                  resume=resume, resume_step=first - 1 if resume else None,
                  config_may_differ=("preset.steps", "device", "precision"),
-                 reserve_bytes=reserve_bytes, fsync=fsync)  # fmt: skip
+                 reserve_bytes=reserve_bytes, fsync=fsync, probe=probe)  # fmt: skip
         if out is not None
         else None
     )
@@ -279,6 +287,23 @@ def train(
     return TrainResult(trained, trained * tokens_per_step, seconds, initial_val, val, train_loss,
                        Path(out) if out is not None else None, precision, model.flops_per_token(),
                        peak_flops(dev, precision), trained * tokens_per_step / len(corpus.train))  # fmt: skip
+
+
+def probe_batch(corpus: Corpus, tokens: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """The routing-stability probe: ceil(tokens / seq_len) validation sequences, the same in every run (fixed seed)."""
+    x, _ = corpus.batch("val", -(-tokens // seq_len), seq_len, torch.Generator().manual_seed(PROBE_SEED), device)
+    return x
+
+
+def recorded_probe_tokens(path: str | Path) -> int:
+    """The probe size a run file was recorded with (0: none, or no readable file)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f.attrs.get("probe_tokens", 0)) if "probe" in f else 0
+    except OSError:
+        return 0
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ and no extra device sync.
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,18 @@ class LiveLog:
         else:
             out = moe_metrics_numpy(mine, spec.experts, spec.k, self.th)
         return {m: float(out[m]) for m in LIVE_METRICS[family]}
+
+    def emit_safely(self, step: int, groups: dict[str, dict[str, np.ndarray]], scalars: dict[str, float]) -> LiveLog | None:
+        """Log one interval; a tracker's failure warns once and returns None (the recorder drops the live log)
+        instead of stopping the recording."""
+        try:
+            self(step, groups, scalars)
+        except Exception as err:  # noqa: BLE001 - a tracker's failure must not stop the recording
+            from routescope.record.packing import reason
+
+            warnings.warn(f"live logging stopped ({reason(err)}); the run file is still written", RuntimeWarning, stacklevel=2)
+            return None
+        return self
 
     def close(self) -> None:
         if self._close is not None:

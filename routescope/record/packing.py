@@ -7,6 +7,7 @@ unpacks them here into one padded array per file variable (routescope.store.sche
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ class Interval:
     has_token_ids: bool
     id_tokens: int
     elapsed_s: float
+    probe: dict[str, Tensor] | None = None  # the routing-stability probe's rows (record/probe.py), on the host
 
 
 
@@ -169,3 +171,19 @@ def pack_traces(layers: list[nn.Module], ints: list[Tensor], floats: list[Tensor
         context = torch.where(to_device(valid, ids.device), ids.reshape(-1)[flat], -1)
         ints += [to_device(sequence, device), to_device(position, device), context.reshape(-1).to(device)]
     return count, has_ids
+
+
+def reason(err: BaseException) -> str:
+    """An error as one line for the user: an OSError's own words (without "[Errno N]"), else its first line."""
+    text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return (text.splitlines() or [type(err).__name__])[0]
+
+
+def warn_nonfinite(step: int, names: list[str], placed: list[tuple[str, int, dict[str, int]]],
+                   groups: dict[str, dict[str, np.ndarray]]) -> bool:  # fmt: skip
+    """Warn naming the layers whose `nonfinite_tokens` is non-zero in this interval (host data only); True if it did."""
+    bad = nonfinite_layers(names, placed, groups)
+    if bad:
+        warnings.warn(f"non-finite activations (NaN/inf) at step {step} in {', '.join(bad)}: counted in "
+                      "nonfinite_tokens and left out of the sums (warned once)", RuntimeWarning, stacklevel=1)  # fmt: skip
+    return bool(bad)

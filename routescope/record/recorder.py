@@ -33,13 +33,15 @@ from routescope.record.live_log import check_log_to, make_live_log
 from routescope.record.packing import (
     Interval,
     layout_of,
-    nonfinite_layers,
     pack_traces,
     packing_order,
+    reason,
     to_host,
     unpack_groups,
     unpack_traces,
+    warn_nonfinite,
 )
+from routescope.record.probe import probe_routing
 from routescope.store.schema import FAMILIES
 from routescope.store.writer import RunWriter
 from routescope.version import __version__
@@ -72,6 +74,8 @@ class Recorder:
     `sample_tokens` or `config` (keys in `config_may_differ`, dotted, excepted) is refused with
     RunFileError. resume_step: cut the file to the intervals closing at or before this step first
     (the step of the training checkpoint being resumed). Only one Recorder may write a file at a time.
+    probe: held-out inputs (what the model's forward takes; a tuple for several arguments) routed in eval mode at
+    each interval end into group `probe`, for routing stability over training (analysis.stability).
     log_to: also hand a few metrics per layer to a tracker at each interval end (record/live_log.py):
     "tensorboard" (event files in RUN.tb/), "wandb" (the active run), a SummaryWriter, or callable(values, step).
     """
@@ -96,6 +100,7 @@ class Recorder:
         reserve_bytes: int | None = None,
         fsync: bool = False,
         log_to: Any = None,
+        probe: Any = None,
     ) -> None:
         if every < 1:
             raise ValueError("every must be >= 1")
@@ -122,6 +127,7 @@ class Recorder:
         check_log_to(log_to)
         self.log_to = log_to  # live metrics for a tracker (record/live_log.py): "tensorboard", "wandb", a writer, a callable
         self._live: Any = None
+        self.model, self.probe = model, probe  # probe: inputs routed at each interval end (record/probe.py)
         self.global_step = 0
         self._generator = torch.Generator().manual_seed(seed)
         self._writer: RunWriter | None = None
@@ -159,12 +165,17 @@ class Recorder:
             "torch_version": torch.__version__,
             "world_size": distributed.world_size(),
         }
+        if self.probe is not None:
+            routing = probe_routing(self.model, self.probe, self.layers)
+            if not routing:
+                raise ValueError("probe= routes tokens through tree or MoE layers; this model records none")
+            attrs["probe_tokens"] = next(iter(routing.values())).shape[1]
         resume = {"resume": True, "resume_step": self.resume_step, "config_may_differ": self.config_may_differ} if self.resume else {}
 
         def make() -> RunWriter:
             return RunWriter(self.path, layouts, attrs, scalars=self.scalar_names, sample_tokens=self.sample_tokens,
                              context=self.context, overwrite=self.overwrite, reserve_bytes=self.reserve_bytes,
-                             fsync=self.fsync, **resume)  # fmt: skip
+                             fsync=self.fsync, probe_tokens=int(attrs.get("probe_tokens", 0)), **resume)  # fmt: skip
 
         # Only rank 0 writes; every rank learns whether it could open the file and where a resumed run goes on.
         writer, resumed = distributed.open_on_writer(make, lambda w: w.resumed_from)
@@ -203,7 +214,7 @@ class Recorder:
                 self._live.close()
             try:
                 writer.close("failed" if self._error is not None and state == "finished" else state,
-                             failure=_reason(self._error) if self._error is not None else None)  # fmt: skip
+                             failure=reason(self._error) if self._error is not None else None)  # fmt: skip
             except Exception as err:  # noqa: BLE001 - the final flush failed (a full disk): report it like a write
                 self._error = self._error or err
         if self._error is not None and self.on_error == "stop":
@@ -214,7 +225,7 @@ class Recorder:
 
     def stopped_message(self, hint: bool = True) -> str:
         """One line for a writer failure: what failed, and (hint) how to continue once the disk has room."""
-        line = f"recording to {self.path} stopped: {_reason(self._error)}" if self._error is not None else ""
+        line = f"recording to {self.path} stopped: {reason(self._error)}" if self._error is not None else ""
         if hint and isinstance(self._error, OSError):
             line += "; make room, then continue the run with Recorder(..., resume=True)"
         return line
@@ -313,6 +324,7 @@ class Recorder:
         if self.layers:  # zero every accumulator of every layer in a few launches
             torch._foreach_zero_([t for _, layer in self.layers for t in layer.routing_stats().values()])
         # Under torch.distributed: sum counts/sums over ranks, average tensor scalars (routescope/distributed.py).
+        probe = probe_routing(self.model, self.probe, self.layers) if self.probe is not None else None
         flat_ints, flat_floats, failed = distributed.reduce_interval(flat_ints, flat_floats, summed_ints, summed_floats,
                                                                      len(tensor_scalars), self._error is not None)  # fmt: skip
         if failed is not None:
@@ -325,13 +337,14 @@ class Recorder:
             self._reset_interval()
             return
         host_ints, host_floats, ready = to_host(flat_ints), to_host(flat_floats), None
+        host_probe = {k: to_host(v) for k, v in probe.items()} if probe is not None else None
         if device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
         item = Interval(
             step=self.global_step, ints=host_ints, floats=host_floats, ready=ready, scalars=scalar_values,
             scalar_names=tuple(k for k, _ in tensor_scalars), trace_count=trace_count, has_token_ids=has_ids,
-            id_tokens=self._id_tokens, elapsed_s=time.monotonic() - self._t0,
+            id_tokens=self._id_tokens, elapsed_s=time.monotonic() - self._t0, probe=host_probe,
         )  # fmt: skip
         self._reset_interval()
         self._queue.put(item)
@@ -349,14 +362,6 @@ class Recorder:
                 self._error = err
 
     _warned_nonfinite = False  # the writer thread warns about NaN/inf activations once per recorder
-
-    def _warn_nonfinite(self, step: int, groups: dict[str, dict[str, np.ndarray]]) -> None:
-        """Warn (once) naming the layers whose `nonfinite_tokens` is non-zero in this interval; host data only."""
-        bad = nonfinite_layers([name for name, _ in self.layers], self._placed(), groups)
-        if bad:
-            self._warned_nonfinite = True
-            warnings.warn(f"non-finite activations (NaN/inf) at step {step} in {', '.join(bad)}: counted in "
-                          "nonfinite_tokens and left out of the sums (warned once)", RuntimeWarning, stacklevel=1)  # fmt: skip
 
     def _placed(self) -> list[tuple[str, int, dict[str, int]]]:
         """Per recorded layer: its family, its index in the family's group and its dimension sizes."""
@@ -381,18 +386,8 @@ class Recorder:
             rows["tokens"] = layer_tokens[mine].max(initial=0)
         scalars.update(tokens_seen=self._tokens_seen, elapsed_s=item.elapsed_s)
         if not self._warned_nonfinite:
-            self._warn_nonfinite(item.step, groups)
-        self._writer.append_interval(item.step, None, scalars, traces, groups=groups)
-        if self._live is not None:
-            try:
-                self._live(item.step, groups, scalars)
-            except Exception as err:  # noqa: BLE001 - a tracker's failure must not stop the recording
-                warnings.warn(f"live logging stopped ({_reason(err)}); the run file is still written", RuntimeWarning,
-                              stacklevel=1)  # fmt: skip
-                self._live = None
+            self._warned_nonfinite = warn_nonfinite(item.step, [name for name, _ in self.layers], self._placed(), groups)
+        probe = {k: v.numpy() for k, v in item.probe.items()} if item.probe is not None else None
+        self._writer.append_interval(item.step, None, scalars, traces, groups=groups, probe=probe)
+        self._live = self._live and self._live.emit_safely(item.step, groups, scalars)
 
-
-def _reason(err: BaseException) -> str:
-    """An error as one line for the user: an OSError's own words (without "[Errno N]"), else its first line."""
-    text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-    return (text.splitlines() or [type(err).__name__])[0]

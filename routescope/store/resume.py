@@ -46,6 +46,11 @@ def check_same_run(f: h5py.File, p: Path, layers: list[LayerLayout], attrs: dict
         diff = _first_difference(json.loads(json.dumps(old)), json.loads(json.dumps(new)), ())
         if diff:
             raise RunFileError(f"cannot resume {p}: layer {old['name']} differs ({diff})")
+    probe = int(attrs.get("probe_tokens", 0))
+    if ("probe" in f) != (probe > 0) or (probe and int(f.attrs.get("probe_tokens", 0)) != probe):
+        had = int(f.attrs.get("probe_tokens", 0)) if "probe" in f else 0
+        raise RunFileError(f"cannot resume {p}: it was recorded with a probe of {had} tokens, the recorder has {probe}; "
+                           "pass the same probe (or none) as the run had")  # fmt: skip
     for key in ("record_every", "sample_tokens"):
         if key in attrs and key in f.attrs and int(f.attrs[key]) != int(attrs[key]):
             raise RunFileError(f"cannot resume {p}: {key} is {int(f.attrs[key])} in the file, {attrs[key]} now")
@@ -66,7 +71,7 @@ def check_same_run(f: h5py.File, p: Path, layers: list[LayerLayout], attrs: dict
 
 
 def _step_groups(f: h5py.File) -> list[h5py.Group]:
-    return [f[name] for name in (*FAMILIES, "run") if name in f]
+    return [f[name] for name in (*FAMILIES, "run", "probe") if name in f]
 
 
 def _growing(group: h5py.Group, dim: str) -> list[h5py.Dataset]:

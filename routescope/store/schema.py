@@ -143,6 +143,16 @@ MOE = Family(
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (TREE, L1, MOE)}  # file order of the groups
 
+# The optional `probe` group (Recorder(probe=...)): a fixed batch of held-out tokens routed in eval mode at each
+# interval end, so that routing stability over training can be read off (analysis.stability).
+PROBE = {
+    "leaf": Variable(("step", "layer", "probe", "tree"), "i4",
+                     "leaf each probe token reached in tree t, in eval mode at the interval's end (-1: padding)"),
+    "experts": Variable(("step", "moe_layer", "probe", "choice"), "i4",
+                        "experts the router chose for each probe token, ascending (-1: padding)"),
+}
+PROBE_FAMILIES = {"leaf": "tree", "experts": "moe"}  # the family whose layers fill each probe variable
+
 BINS_PER_OCTAVE = 8
 
 

@@ -32,7 +32,7 @@ from routescope.store.format import (
 from routescope.store.lock import WriterLock
 from routescope.store.repair import clear_open_flags
 from routescope.store.resume import check_same_run, complete_rows, truncate
-from routescope.store.schema import COMMON_TRACES, FAMILIES, Family, coordinate_values
+from routescope.store.schema import COMMON_TRACES, FAMILIES, PROBE, PROBE_FAMILIES, Family, coordinate_values
 from routescope.store.write_errors import (
     DiskSpaceError,
     WriteFailedError,
@@ -67,8 +67,10 @@ class RunWriter:
         config_may_differ: tuple[str, ...] = (),
         reserve_bytes: int | None = None,
         fsync: bool = False,
+        probe_tokens: int = 0,
     ) -> None:
         self.path = Path(path)
+        self.probe_tokens = probe_tokens  # tokens of the routing-stability probe per interval (group `probe`; 0: none)
         # Free space the writer never uses: None keeps RESERVE_MIN_BYTES plus RESERVE_INTERVALS of the largest
         # interval so far; 0 switches the check off (a write can then meet a full disk).
         self.reserve_bytes = reserve_bytes
@@ -136,6 +138,8 @@ class RunWriter:
         self.trace_names: tuple[str, ...] = ()
         if sample_tokens > 0 and layers:
             self._create_traces_group(context)
+        if self.probe_tokens > 0 and any(PROBE_FAMILIES[v] in self.families for v in PROBE):
+            self._create_probe_group()
         f.swmr_mode = True  # every dataset exists by now: SWMR forbids creating more
 
     def _reopen(self, layers: list[LayerLayout], attrs: dict[str, Any], context: int, resume_step: int | None,
@@ -209,6 +213,21 @@ class RunWriter:
             attach_dims(traces, dset, var.dims)
         self.trace_names = tuple(variables)
 
+    def _create_probe_group(self) -> None:
+        """Group `probe`: per interval, each probe token's leaf per tree layer and tree, and its experts per MoE layer."""
+        probe = self.file.create_group("probe")
+        make_coordinate(probe, "step")
+        sizes = {"probe": self.probe_tokens, "layer": len(self.families.get("tree", [])),
+                 "tree": self.sizes["tree"], "moe_layer": len(self.families.get("moe", [])),
+                 "choice": max((layer.value("k") or 0 for layer in self.families.get("moe", [])), default=0)}  # fmt: skip
+        variables = {name: var for name, var in PROBE.items() if PROBE_FAMILIES[name] in self.families}
+        for dim in dict.fromkeys(d for v in variables.values() for d in v.dims[1:]):
+            make_coordinate(probe, dim, np.arange(sizes[dim]))
+        for name, var in variables.items():
+            dset = create_growing(probe, name, var.dims, var.dtype, sizes)
+            dset.attrs["long_name"] = var.meaning
+            attach_dims(probe, dset, var.dims)
+
     @property
     def intervals(self) -> int:
         return self._dset("run/step").shape[0]
@@ -228,9 +247,11 @@ class RunWriter:
         scalars: dict[str, float],
         traces: dict[str, np.ndarray] | None = None,
         groups: dict[str, dict[str, np.ndarray]] | None = None,
+        probe: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Append one interval. `groups` maps each family group to {variable: row (layer, ...)} as in
-        routescope.schema; `tree` is the tree group's rows (shorthand for groups["tree"]).
+        routescope.schema; `tree` is the tree group's rows (shorthand for groups["tree"]); `probe` the probe
+        group's rows (`leaf`, `experts`; missing ones are written as -1).
 
         Raises DiskSpaceError before writing anything when less than the reserve is free; any error while
         writing detaches the file (`_abandon`) and is re-raised: the writer takes no more intervals.
@@ -244,7 +265,7 @@ class RunWriter:
         self._check_space()
         size = self._file_size()
         try:
-            self._append(row, step, groups, scalars, traces)
+            self._append(row, step, groups, scalars, traces, probe)
         except BaseException as err:
             self._abandon()
             if isinstance(err, Exception):
@@ -253,7 +274,7 @@ class RunWriter:
         self._largest_interval = max(self._largest_interval, self._file_size() - size)
 
     def _append(self, row: int, step: int, groups: dict[str, dict[str, np.ndarray]], scalars: dict[str, float],
-                traces: dict[str, np.ndarray] | None) -> None:  # fmt: skip
+                traces: dict[str, np.ndarray] | None, probe: dict[str, np.ndarray] | None = None) -> None:  # fmt: skip
         f = self.file
         for name in self.families:
             for var, v in FAMILIES[name].group_variables().items():
@@ -267,6 +288,12 @@ class RunWriter:
                 dset = self._dset(f"run/{name}")
                 _append_row(dset, row, scalars.get(name, np.nan if dset.dtype.kind == "f" else -1))
         coords = [(self._dset(f"{group}/step"), row, step) for group in (*self.families, "run")]
+        if "probe" in f:
+            for name in (n for n in PROBE if n in f["probe"]):
+                dset = self._dset(f"probe/{name}")
+                given = (probe or {}).get(name)
+                _append_row(dset, row, given if given is not None else np.full(dset.shape[1:], -1, dset.dtype))
+            coords.append((self._dset("probe/step"), row, step))
         if traces is not None and "traces" in f:
             first = self._dset("traces/sample").shape[0]
             count = len(traces["sample_step"])
