@@ -296,13 +296,13 @@ def probe_batch(corpus: Corpus, tokens: int, seq_len: int, device: torch.device)
 
 
 def recorded_probe_tokens(path: str | Path) -> int:
-    """The probe size a run file was recorded with (0: none, or no readable file)."""
-    import h5py
+    """The probe size a run file was recorded with (0: none, or no readable file: the resume reports that)."""
+    from routescope.store import RunFile, RunFileError
 
     try:
-        with h5py.File(path, "r") as f:
-            return int(f.attrs.get("probe_tokens", 0)) if "probe" in f else 0
-    except OSError:
+        with RunFile.open(path) as run:
+            return int(run.attrs.get("probe_tokens", 0)) if "probe" in run else 0
+    except (RunFileError, OSError):
         return 0
 
 
