@@ -154,3 +154,25 @@ def test_interrupt_marks_the_file(tmp_path: Path) -> None:
             raise KeyboardInterrupt
     ds = routescope.open(tmp_path / "i.h5")
     assert ds.attrs["run_state"] == "interrupted" and list(ds["step"].values) == [2, 3]
+
+
+def test_an_interrupt_between_two_layers_leaves_the_torn_interval_out(tmp_path: Path) -> None:
+    """Stopped after layer 0's forward and before layer 1's: the partial interval would hold an unfinished step
+    (different token counts per layer), so it is not written; a partial interval of whole steps is."""
+    import routescope
+    from routescope import Recorder, TreeFFN
+
+    for torn in (True, False):
+        model = torch.nn.Sequential(TreeFFN(8, 8, depth=2), TreeFFN(8, 8, depth=2))
+        path = tmp_path / f"{torn}.h5"
+        rec = Recorder(model, path, every=4, sample_tokens=0)
+        rec.start()
+        for _ in range(5):  # one whole interval, then one step of the next
+            model(torch.randn(16, 8))
+            rec.step()
+        if torn:
+            model[0](torch.randn(16, 8))  # the interrupted step: layer 0 counted, layer 1 not
+        rec.close("interrupted")
+        ds = routescope.open(path)
+        assert ds["step"].values.tolist() == ([4] if torn else [4, 5])
+        assert np.all(ds["layer_tokens"].values[:, 0] == ds["layer_tokens"].values[:, 1])

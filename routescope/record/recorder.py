@@ -200,7 +200,7 @@ class Recorder:
         if self._writer is None:
             return
         try:
-            if self._steps_in_interval > 0 and not self._failed():
+            if self._steps_in_interval > 0 and not self._failed() and not self._torn(state):
                 self._close_interval()
         finally:
             for _, layer in self.layers:
@@ -222,6 +222,13 @@ class Recorder:
                           RuntimeWarning, stacklevel=2)  # fmt: skip
         elif self._error is not None:
             raise RecorderError(self.stopped_message(), self) from self._error
+
+    def _torn(self, state: str) -> bool:
+        """An interrupted or failed step can stop between two layers' forwards: their token counts then differ and
+        the partial interval mixes an unfinished step in; it is left out (the recorded intervals stay whole)."""
+        if state == "finished" or len(self.layers) < 2:
+            return False
+        return len({int(layer.routing_stats()["tokens"]) for _, layer in self.layers}) > 1
 
     def stopped_message(self, hint: bool = True) -> str:
         """One line for a writer failure: what failed, and (hint) how to continue once the disk has room."""
