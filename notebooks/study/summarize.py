@@ -2,7 +2,7 @@
 
     python notebooks/study/summarize.py RUNS_FOLDER [--out notebooks/study/data] [--command "routescope sweep ..."]
 
-One `<run>.nc` per finished `<run>.h5` (routescope.analysis.run_summary), each naming the command that trained
+One `<run>.nc` per finished `<run>.h5` (unfinished ones are listed and skipped) (routescope.analysis.run_summary), each naming the command that trained
 it and the commit of this checkout.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from routescope.analysis.run_summary import write_summary
+from routescope.store import describe
 
 
 def main() -> None:
@@ -28,9 +29,12 @@ def main() -> None:
         raise SystemExit(f"error: no run files (*.h5) in {args.runs}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     args.out.mkdir(parents=True, exist_ok=True)
-    for run in tqdm(runs, desc="summaries"):
+    finished = [run for run in runs if describe(run)["run_state"] == "finished"]
+    for run in sorted(set(runs) - set(finished)):
+        print(f"skipped {run.name}: not finished (train it again; the sweep reuses finished runs)")
+    for run in tqdm(finished, desc="summaries"):
         write_summary(run, args.out / f"{run.stem}.nc", command=args.command, commit=commit)
-    print(f"{len(runs)} summaries in {args.out}/ (commit {commit[:12] or 'unknown'})")
+    print(f"{len(finished)} summaries in {args.out}/ (commit {commit[:12] or 'unknown'})")
 
 
 if __name__ == "__main__":
