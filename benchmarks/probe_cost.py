@@ -1,5 +1,6 @@
 """What the routing-stability probe costs: training steps of one preset recorded with and without a probe, in
-turns of one interval each (side by side in one run), as the median time per step.
+turns of one interval each (side by side in one run), as the median time per step; and the probe call alone
+(median of 20) over one interval's steps, a figure free of the steps' noise.
 
     python benchmarks/probe_cost.py                                   # the CPU demo preset, 256 probe tokens
     python benchmarks/probe_cost.py --config shakespeare-tree-gpu --device cuda --intervals 12
@@ -17,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from routescope.record.probe import probe_routing
 from routescope.record.recorder import Recorder
 from routescope.trainers.data import Corpus
 from routescope.trainers.model import GPT
@@ -73,15 +75,27 @@ def main() -> None:
                 seconds = interval()
                 if i:  # the first interval of each arm warms up
                     times[name].append(seconds)
+        recorder = arms["probe"][0]
+        calls = []
+        for _ in range(20):  # the probe alone: what it adds to each interval, free of the steps' noise
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            probe_routing(recorder.model, probe, recorder.layers)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            calls.append(time.perf_counter() - t0)
+        probe_ms = statistics.median(calls) * 1e3
         for recorder, _ in arms.values():
             recorder.close()
     base, with_probe = (statistics.median(times[n]) * 1e3 for n in ("no probe", "probe"))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     table = Table(title=f"probe cost: {args.config}, {args.probe_tokens} probe tokens, interval {cfg.record_every} steps, "
                         f"{name}, torch {torch.__version__}")  # fmt: skip
-    for column in ("ms/step, no probe", "ms/step, probe", "cost"):
+    for column in ("ms/step, no probe", "ms/step, probe", "cost (step times)", "probe call ms", "cost (probe / interval)"):
         table.add_column(column, justify="right")
-    table.add_row(f"{base:.1f}", f"{with_probe:.1f}", f"{100 * (with_probe / base - 1):+.2f}%")
+    table.add_row(f"{base:.1f}", f"{with_probe:.1f}", f"{100 * (with_probe / base - 1):+.2f}%", f"{probe_ms:.2f}",
+                  f"{100 * probe_ms / (cfg.record_every * base):.2f}%")  # fmt: skip
     Console(width=140).print(table)
     print("interval medians over", args.intervals, "intervals per arm, taken in turns")
 

@@ -3,7 +3,7 @@ end, in eval mode and without gradients, with the layers' counting off, so that 
 probe token goes over training (group `probe`; `analysis.stability` reads it).
 
 Tree layers give each token's leaf per tree, MoE layers its chosen experts (ascending). The routing of a layer is
-recomputed from its captured input by the layer's own reference routing (`route_and_compute`, `route`): the
+recomputed from its captured input by the reference rule (`route_paths`: decisions only; MoE `route`): the
 same rule as the kernels', so only an exact tie of z could differ.
 """
 
@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from routescope.kernels.tree_reference import route_paths
 
 PROBED = ("tree", "moe")
 
@@ -49,7 +51,8 @@ def probe_routing(model: nn.Module, probe: Any, layers: list[tuple[str, nn.Modul
     for name, layer in probed:
         x = captured[name]
         if layer.family == "tree":
-            path = layer.route_and_compute(x)[1].path  # (n, T, d+1)
+            w, b, _ = layer.heap_weights() if layer.spec.variant == "neuron" else (layer.w, layer.b, None)
+            path = route_paths(x.to(w.dtype), w, b, layer.spec.depth, layer.route_force())  # decisions only
             leaves.append(path[:, :, -1] - (2**layer.spec.depth - 1))
         else:
             experts.append(layer.route(x)[1].sort(-1).values)
