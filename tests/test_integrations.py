@@ -66,6 +66,18 @@ def test_hf_callback_rows_tokens_and_logs(tmp_path: Path) -> None:
         assert (f["traces/token_id"][:] >= 0).all()  # labelled with the micro-batch's input ids
 
 
+def test_hf_callback_logs_live_into_a_tracker(tmp_path: Path) -> None:
+    """log_to= reaches the Recorder through the HF callback: one bounded set of metrics per interval, at the
+    interval's step (log_to="wandb" logs into the same active run HF's own W&B reporting uses)."""
+    from routescope.integrations.hf import RoutescopeCallback
+
+    seen: list[tuple[int, dict]] = []
+    trainer = hf_trainer(tmp_path, [RoutescopeCallback(tmp_path / "hf.h5", every=EVERY, log_to=lambda v, s: seen.append((s, v)))])
+    trainer.train()
+    assert [step for step, _ in seen] == [EVERY * (i + 1) for i in range(ROWS)]
+    assert all("routescope/tree/layer1/static_fraction" in values for _, values in seen)
+
+
 def test_hf_callback_marks_a_failed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import transformers
 
