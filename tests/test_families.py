@@ -311,7 +311,9 @@ TRACES_BEFORE = {"sample", "layer", "tree", "level", "context", "sample_step", "
 
 def test_tree_only_files_keep_their_layout(debug_run: Path) -> None:
     with h5py.File(debug_run, "r") as f:
-        assert set(f) == {"tree", "run", "traces", "run_state"}
+        # `probe` is the optional group added since (routing stability; `record` writes it by default)
+        assert set(f) == {"tree", "run", "traces", "run_state", "probe"}
+        assert set(f["probe"]) == {"step", "layer", "probe", "tree", "leaf"} and f.attrs["probe_tokens"] > 0
         added = {name for name, var in TREE.stats.items() if var.optional}  # variables added since: allowed
         assert set(f["tree"]) == TREE_GROUP_BEFORE | added and set(f["traces"]) == TRACES_BEFORE
         assert added == {"nonfinite_tokens"}
