@@ -10,7 +10,7 @@ through the same operators.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional  # Optional: the operator schemas' spelling, which every torch >= 2.4 parses
 
 import torch
 from torch import Tensor
@@ -86,7 +86,7 @@ def stat_views(counts: Tensor, sums: Tensor, trees: int, depth: int) -> dict[str
 
 @torch.library.custom_op("routescope::tree_fwd", mutates_args=())
 def tree_fwd(
-    x: Tensor, w: Tensor, b: Tensor | None, u: Tensor, force: Tensor | None, depth: int, activation: str,
+    x: Tensor, w: Tensor, b: Optional[Tensor], u: Tensor, force: Optional[Tensor], depth: int, activation: str,
     placement: str, keep_s: bool, record: bool, config: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(y, leaf, z, s, perm, counts, stat_counts, stat_sums). s is (0,) unless `keep_s` (placement "output" under
