@@ -53,19 +53,14 @@ class MoEViews(GroupViews):
 
     def moe_balance(self, run: int | None) -> go.Figure:
         """The run's balance-loss audit over training (analysis.balance_audit): implied vs reported loss."""
-        from routescope.analysis.balance_audit import balance_audit, recomputed_balance
-        from routescope.analysis.families import family_layers
+        from routescope.analysis.balance_audit import balance_audit, balance_series
 
         src = self.source(run)
         moe = src.families.get("moe")
         if moe is None or src.run is None:
             return self._empty("this run has no MoE layers")
-        coefs = np.array([float(layer.config.get("balance_coef", 0.0)) for layer in family_layers(moe, "moe")])
-        expected = (recomputed_balance(moe) * coefs[None, :]).sum(1)
+        _, expected, reported, _ = balance_series(moe, src.run)
         steps = moe["step"].values
-        reported = None
-        if "balance_loss" in src.run:
-            reported = np.interp(steps, src.run["step"].values, src.run["balance_loss"].values)
         return FF.balance_figure(steps, expected, reported, balance_audit(moe, src.run), src.label)
 
 

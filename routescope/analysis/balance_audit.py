@@ -44,24 +44,32 @@ def recomputed_balance(moe: xr.Dataset) -> np.ndarray:
     return out
 
 
+def balance_series(moe: xr.Dataset, run: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
+    """Per interval of `moe`: each layer's L (step, layer), the expected total Σ c_l · L_l, the reported
+    `balance_loss` at the same interval ends (None when not recorded), and Σ c_l (the loss of uniform router
+    probabilities: E · Σ f_e / E = 1 per layer)."""
+    coefs = np.array([float(layer.config.get("balance_coef", 0.0)) for layer in family_layers(moe, "moe")])
+    per_layer = recomputed_balance(moe)
+    reported = None
+    if "balance_loss" in run and np.isfinite(run["balance_loss"].values).any():
+        reported = np.interp(moe["step"].values, run["step"].values, run["balance_loss"].values)
+    return per_layer, (per_layer * coefs[None, :]).sum(1), reported, float(coefs.sum())
+
+
 def balance_audit(moe: xr.Dataset, run: xr.Dataset, tolerance: float = TOLERANCE) -> dict[str, Any]:
     """The audit of one run (both Datasets over the same window): status ("ok", "flagged", "not recorded",
     "off"), cause, the median ratio reported / expected, and the means behind it (JSON-ready)."""
     layers = family_layers(moe, "moe")
-    coefs = np.array([float(layer.config.get("balance_coef", 0.0)) for layer in layers])
-    per_layer = recomputed_balance(moe)
-    expected = (per_layer * coefs[None, :]).sum(1)
-    flat = float(coefs.sum())  # E · Σ f_e / E = 1 per layer: the loss of uniform router probabilities
+    per_layer, expected, reported, flat = balance_series(moe, run)
     out: dict[str, Any] = {"status": "not recorded", "cause": None, "ratio": None, "tolerance": tolerance,
                            "expected_mean": _mean(expected), "reported_mean": None, "uniform_value": flat,
                            "recomputed_per_layer": [_mean(per_layer[:, i]) for i in range(len(layers))]}  # fmt: skip
-    if "balance_loss" not in run or not np.isfinite(run["balance_loss"].values).any():
+    if reported is None:
         if flat == 0:
             out["status"] = "off"  # no layer has a balance loss, and none is reported
         else:
             out["cause"] = "no balance_loss in the run: record it with Recorder(scalars=(..., 'balance_loss'))"
         return out
-    reported = np.interp(moe["step"].values, run["step"].values, run["balance_loss"].values)  # the same interval ends
     ok = np.isfinite(reported) & np.isfinite(expected)
     out["reported_mean"] = _mean(reported[ok])
     if flat == 0:

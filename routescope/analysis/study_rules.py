@@ -19,6 +19,8 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
+from routescope.analysis.groups import compare
+
 CONTROLS = ("tanh-node", "identity-node", "gelu-output")
 ASYMMETRIC = ("gelu-node", "relu-node")
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
@@ -86,15 +88,14 @@ def sign_flip_p(d: np.ndarray) -> float:
     return float(np.mean((signs * d).mean(axis=1) >= d.mean() - 1e-12))
 
 
-def welch(a: np.ndarray, b: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
-    """mean(a) − mean(b) with its Welch interval and two-sided p."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    diff, se = a.mean() - b.mean(), math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se > 0 else math.inf
-    half = stats.t.ppf(0.5 + confidence / 2, df) * se
-    p = float(2 * stats.t.sf(abs(diff) / se, df)) if se > 0 else (0.0 if diff else 1.0)
-    return {"diff": float(diff), "low": float(diff - half), "high": float(diff + half), "p": p}
+def welch(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """mean(a) − mean(b) with its Welch 95% interval and two-sided p (`groups.compare`, the report's statistics);
+    with no spread the interval collapses to the difference."""
+    c = compare("a", "b", np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), permutation=False)
+    diff = c["diff"]
+    p = c["welch_p"] if c["welch_p"] is not None else (0.0 if diff else 1.0)
+    low = c["diff_low"] if c["diff_low"] is not None else diff
+    return {"diff": diff, "low": low, "high": c["diff_high"] if c["diff_high"] is not None else diff, "p": p}
 
 
 @dataclass
