@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import warnings
@@ -168,10 +169,11 @@ def sweep(
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per variant: 0 .. N-1.")] = 2,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Override the size's training steps.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    shard: Annotated[str, typer.Option(help="I/N: train every N-th run from the I-th (N processes share a GPU).")] = "0/1",
     list_sweeps: Annotated[bool, typer.Option("--list", help="List the sweeps and sizes, then exit.")] = False,
 ) -> None:
     """Train an ablation (activation, placement, bias, depth, trees, dense) over seeds; finished runs are reused."""
-    from routescope.trainers.sweep import SIZES, SWEEPS, reusable, run_sweep, sweep_configs
+    from routescope.trainers.sweep import SIZES, SWEEPS, reusable, run_sweep, shard_of, sweep_configs
 
     if list_sweeps or name is None:
         table = Table("sweep", "variants", "question", box=None)
@@ -188,14 +190,17 @@ def sweep(
         fail(f"unknown --size {size!r}; choose one of: {', '.join(SIZES)}")
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a folder for the run files")
-    runs = sweep_configs(name, size, seeds, steps)
+    if not re.fullmatch(r"\d+/\d+", shard) or not int(shard.split("/")[0]) < int(shard.split("/")[1]):
+        fail(f"--shard {shard!r}: give I/N with 0 <= I < N, e.g. --shard 0/4")
+    part = (int(shard.split("/")[0]), int(shard.split("/")[1]))
+    runs = shard_of(sweep_configs(name, size, seeds, steps), part)
     console.print(f"[bold]routescope sweep[/] {name} ({size}): {len(runs)} runs → {out}/")
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         reused = [run for run, cfg in runs.items() if reusable(out / f"{run}.h5", cfg)]
         if reused:
             console.print(f"reusing {len(reused)} finished run{'s' if len(reused) != 1 else ''} of the same configuration")
-        paths = run_sweep(name, out, size, seeds, steps, device)
+        paths = run_sweep(name, out, size, seeds, steps, device, shard=part)
     except KeyboardInterrupt:
         fail(f"interrupted; finished runs in {out} are kept and reused when the sweep is run again")
     except (ValueError, RunFileError) as err:

@@ -133,15 +133,16 @@ def run_sweep(
     steps: int | None = None,
     device: str = "auto",
     show_progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, Path]:
     """Train every run of a sweep into `out`, reusing finished runs of the same configuration; returns
-    {run name: file}."""
+    {run name: file}. `shard=(i, n)` takes every n-th run from the i-th, so n processes can share one GPU."""
     from routescope.trainers.train import train
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, cfg in sweep_configs(sweep, size, seeds, steps).items():
+    for name, cfg in shard_of(sweep_configs(sweep, size, seeds, steps), shard).items():
         path = folder / f"{name}.h5"
         if not reusable(path, cfg):
             if show_progress:
@@ -149,6 +150,14 @@ def run_sweep(
             train(cfg, out=path, device=device, overwrite=True, show_progress=show_progress)
         paths[name] = path
     return paths
+
+
+def shard_of(runs: dict[str, TrainConfig], shard: tuple[int, int]) -> dict[str, TrainConfig]:
+    """The runs of shard (i, n): every n-th from the i-th, in the sweep's order."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: give I/N with 0 <= I < N, e.g. 0/4")
+    return dict(list(runs.items())[index::count])
 
 
 def variant_of(run_name: str) -> str:
