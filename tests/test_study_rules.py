@@ -15,11 +15,13 @@ from routescope.analysis.study_rules import (
     SUPPORTED,
     RunValues,
     permutation_p,
+    regime_effects,
     rule_auto_pruning,
     rule_balance,
     rule_mechanism,
     rule_quality,
     sign_flip_p,
+    replication,
     welch,
 )  # fmt: skip
 
@@ -120,3 +122,41 @@ def test_balance_and_missing_arms() -> None:
     assert rule_balance(three).outcome == INCONCLUSIVE
     partial = [r for r in runs() if r.arm != "identity-node"]
     assert rule_mechanism(partial).outcome == INCONCLUSIVE and rule_auto_pruning(partial).outcome == INCONCLUSIVE
+
+
+def replication_runs(overrides: dict[str, dict[str, list[float]]] | None = None) -> list[RunValues]:
+    """The replication size's world: 3 seeds of gelu-node, tanh-node, gelu-output and dense only."""
+    return [r for r in runs(overrides, seeds=3) if r.arm in ("gelu-node", "tanh-node", "gelu-output", "dense")]
+
+
+def test_replication_checks_direction_in_every_seed_with_the_arms_present() -> None:
+    verdicts = {o.rule: o for o in replication(replication_runs())}
+    assert [verdicts[r].outcome for r in ("R1", "R2", "R3")] == ["replicated"] * 3
+    assert verdicts["R1"].details["arms"] == ["gelu-node", "tanh-node", "gelu-output"]  # relu and identity absent
+    # 3 + 3 separated runs: the p-value sits at its floor 0.05 and is reported, not used
+    assert verdicts["R3"].details["permutation_p"] == pytest.approx(0.05)
+    assert verdicts["R4"].outcome == "descriptive"
+
+
+@pytest.mark.parametrize("overrides,rule", [
+    ({"tanh-node": {"rss": [0.5, 0.7, 0.5]}}, "R1"),            # one control seed outside [0.4, 0.6]
+    ({"gelu-node": {"drift_slope": [-1, 0.1, -1]}}, "R1"),      # one asymmetric seed with rising drift
+    ({"gelu-node": {"sf": [0.30, 0.30, 0.04]}}, "R2"),          # one seed below a control's best seed
+    ({"gelu-node": {"dsf": [0.02, -0.001, 0.02]}}, "R2"),       # one seed no longer rising
+    ({"gelu-output": {"len_": [0.92, 0.92, 0.69]}}, "R3"),      # one output seed less even than a node seed
+])  # fmt: skip
+def test_one_seed_against_the_direction_fails_the_replication(overrides: dict, rule: str) -> None:
+    verdicts = {o.rule: o.outcome for o in replication(replication_runs(overrides))}
+    assert verdicts[rule] == "not replicated"
+    assert all(v == "replicated" for r, v in verdicts.items() if r not in (rule, "R4"))
+
+
+def test_regime_effects_recover_constructed_main_effects() -> None:
+    # SF = 0.2 + 0.3 [lr high] - 0.1 [batch large] (+ seed jitter): the main effects are +0.3 and -0.1 exactly
+    cells = [{"activation": "gelu", "lr": lr, "tokens": tokens, "sf": 0.2 + 0.3 * (lr == 3e-3) - 0.1 * (tokens == 16384) + j}
+             for lr in (1e-3, 3e-3) for tokens in (1536, 16384) for j in (-0.01, 0.0, 0.01)]  # fmt: skip
+    effects = regime_effects(cells)["gelu"]
+    assert effects["lr"]["diff"] == pytest.approx(0.3) and effects["lr"]["low"] > 0
+    # the lr effect is spread inside each batch level, so the batch effect's interval is wide but holds it
+    assert effects["tokens"]["diff"] == pytest.approx(-0.1) and effects["tokens"]["low"] < -0.1 < effects["tokens"]["high"]
+    assert (effects["lr"]["from"], effects["lr"]["to"]) == (1e-3, 3e-3)

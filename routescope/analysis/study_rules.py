@@ -186,6 +186,64 @@ def rule_quality(runs: list[RunValues], margin: float = 0.05) -> Outcome:
     return Outcome("R4", "descriptive", rows)
 
 
+def separated(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when every value of a exceeds every value of b (the direction holds in every pair of seeds)."""
+    return bool(len(a) and len(b) and np.nanmin(a) > np.nanmax(b))
+
+
+def replication(runs: list[RunValues]) -> list[Outcome]:
+    """R1–R3 at the replication size (PROTOCOL.md: 3 seeds, fewer arms): each rule's direction checked in every
+    seed of the arms that were run, p-values reported but not used. "replicated" when the direction holds in
+    every seed, "not replicated" otherwise; R1 uses its own per-seed conditions on the arms present."""
+    rss, slope, sf, dsf, ent = (_by_arm(runs, f) for f in ("rss", "drift_slope", "sf", "dsf", "len_"))
+    out = []
+    asym = [a for a in ASYMMETRIC if a in rss]
+    controls = [c for c in CONTROLS if c in rss]
+    if asym and controls:
+        fails = {**{a: int(np.sum(~(rss[a] >= 0.6))) for a in asym},
+                 **{c: int(np.sum(~(np.isnan(rss[c]) | ((rss[c] >= 0.4) & (rss[c] <= 0.6))))) for c in controls}}
+        drift = {a: int(np.sum(~(slope[a] < 0))) for a in asym}
+        held = not any(fails.values()) and not any(drift.values())
+        out.append(Outcome("R1", "replicated" if held else "not replicated", {
+            "arms": asym + controls, "seeds_failing_rss": fails, "seeds_failing_drift": drift,
+            "rss": {a: rss[a].tolist() for a in asym + controls}}))  # fmt: skip
+    if "gelu-node" in sf and controls:
+        against = {c: {**welch(sf["gelu-node"], sf[c]), "permutation_p": permutation_p(sf["gelu-node"], sf[c]),
+                       "every_seed": separated(sf["gelu-node"], sf[c])} for c in controls}  # fmt: skip
+        rising = {"mean": float(dsf["gelu-node"].mean()), "every_seed": bool(np.all(dsf["gelu-node"] > 0)),
+                  "sign_flip_p": sign_flip_p(dsf["gelu-node"])}  # fmt: skip
+        held = all(t["every_seed"] for t in against.values()) and rising["every_seed"]
+        out.append(Outcome("R2", "replicated" if held else "not replicated", {"against": against, "rising": rising}))
+    if "gelu-output" in ent and "gelu-node" in ent:
+        test = {**welch(ent["gelu-output"], ent["gelu-node"]),
+                "permutation_p": permutation_p(ent["gelu-output"], ent["gelu-node"]),
+                "every_seed": separated(ent["gelu-output"], ent["gelu-node"])}  # fmt: skip
+        out.append(Outcome("R3", "replicated" if test["every_seed"] else "not replicated", test))
+    return out + [rule_quality(runs)]
+
+
+def regime_cell(summary: xr.Dataset) -> dict[str, Any]:
+    """A regime-grid run's cell (activation, learning rate, tokens per step) and its end-of-training SF."""
+    preset = json.loads(summary.attrs["config"])["preset"]
+    return {"activation": preset["model"]["activation"], "lr": float(preset["lr"]),
+            "tokens": int(preset["batch_size"] * preset["model"]["seq_len"]), "sf": run_values(summary).sf}  # fmt: skip
+
+
+def regime_effects(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exploratory (PROTOCOL.md, Regime): per activation, the main effect on SF of the higher learning rate and
+    of the larger batch (mean over the other factor's levels), each a Welch difference with its 95% interval."""
+    out: dict[str, Any] = {}
+    for activation in sorted({c["activation"] for c in cells}):
+        part = [c for c in cells if c["activation"] == activation]
+        effects = {}
+        for factor in ("lr", "tokens"):
+            low, high = sorted({c[factor] for c in part})[0], sorted({c[factor] for c in part})[-1]
+            effects[factor] = {"from": low, "to": high, **welch([c["sf"] for c in part if c[factor] == high],
+                                                                [c["sf"] for c in part if c[factor] == low])}  # fmt: skip
+        out[activation] = effects
+    return out
+
+
 def evaluate(runs: list[RunValues]) -> list[Outcome]:
     """R1–R4 on the runs of one size."""
     return [rule_mechanism(runs), rule_auto_pruning(runs), rule_balance(runs), rule_quality(runs)]
