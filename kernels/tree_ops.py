@@ -59,7 +59,8 @@ def _buckets(depth: int, config: list[int]) -> int:
 def stat_layout(trees: int, depth: int) -> tuple[list[tuple[str, tuple[int, ...], int, bool]], int, int]:
     """Where each FORWARD_STATS variable sits in the two flat buffers the forward returns: (name, shape, offset,
     is_count) per variable, then the int64 and float64 lengths. Shapes and dtypes are `new_tree_stats`'s; plain
-    arithmetic, so torch.compile traces it without tensors."""
+    arithmetic, so torch.compile traces it without tensors (integer indices only: dynamo in torch 2.11 refuses a
+    bool as a list index)."""
     layout, sizes = [], [0, 0]
     for name in FORWARD_STATS:
         if name == "tokens":
@@ -69,8 +70,9 @@ def stat_layout(trees: int, depth: int) -> tuple[list[tuple[str, tuple[int, ...]
         else:
             shape = (trees, 2**depth - 1 if name.startswith("node_") else 2**depth)
         is_count = name not in SUM_STATS
-        layout.append((name, shape, sizes[not is_count], is_count))
-        sizes[not is_count] += math.prod(shape)
+        buffer = 0 if is_count else 1
+        layout.append((name, shape, sizes[buffer], is_count))
+        sizes[buffer] += math.prod(shape)
     return layout, sizes[0], sizes[1]
 
 
