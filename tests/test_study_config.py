@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from routescope.trainers.sweep import sweep_configs, variant_of
+from routescope.trainers.sweep import shard_of, sweep_configs, variant_of
 
 PROTOCOL = Path(__file__).resolve().parents[1] / "notebooks" / "study" / "PROTOCOL.md"
 ARMS = {"gelu-node": ("gelu", "node"), "relu-node": ("relu", "node"), "tanh-node": ("tanh", "node"),
@@ -56,3 +56,23 @@ def test_protocol_states_the_decision_rules() -> None:
     for needle in ("R1", "R2", "R3", "R4", "right_starved_share", "static_fraction", "leaf_entropy_norm", "0.6",
                    "[0.4, 0.6]", "p < 0.05", "Deviations"):  # fmt: skip
         assert needle in text, needle
+
+
+def test_shards_partition_a_sweep_in_order() -> None:
+    runs = sweep_configs("study", "tiny", seeds=3)
+    shards = [shard_of(runs, (i, 4)) for i in range(4)]
+    names = [name for shard in shards for name in shard]
+    assert sorted(names) == sorted(runs) and len(names) == len(set(names)) == 18  # every run once
+    assert list(shards[1]) == list(runs)[1::4]
+    with pytest.raises(ValueError, match="0 <= I < N"):
+        shard_of(runs, (4, 4))
+
+
+@pytest.mark.parametrize("shard", ["4/4", "x", "1/0", "-1/2"])
+def test_cli_refuses_a_bad_shard_in_one_line(shard: str) -> None:
+    from typer.testing import CliRunner
+
+    from routescope.cli import app
+
+    result = CliRunner().invoke(app, ["sweep", "dense", "--shard", shard, "--out", "unused"])
+    assert result.exit_code != 0 and "--shard" in result.output and "Traceback" not in result.output
