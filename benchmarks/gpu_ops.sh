@@ -17,13 +17,12 @@ step() {  # step LIMIT NAME command...: run under min(LIMIT, time left), output 
   local t0=$(date +%s); timeout "$lim" "$@" > "$OUT/$name.txt" 2>&1; local rc=$?
   echo "== $name: rc $rc, $(( $(date +%s) - t0 )) s"; grep -v "━" "$OUT/$name.txt" | tail -"${TAIL:-14}"
 }
-rs() { python -c 'from routescope.cli import main; main()' "$@"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; python -c 'import torch, triton; print(torch.__version__, triton.__version__)'
-TAIL=6 step 170 gpu_tests python -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_tree_ops.py
+TAIL=6 step 200 gpu_tests python -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_tree_ops.py
 step 200 train_step_gpu python benchmarks/train_step.py --config gpu --json "$OUT/train_step_gpu.json" --modes "fp32 eager" \
   "bf16 eager" "bf16 compiled" "bf16 cudagraphs" "bf16 cudagraphs + record/25"
 step 50 host_overhead python benchmarks/host_overhead.py --profile 20
-mkdir -p /tmp/rec; TAIL=4 step 60 record_gpu rs record -c shakespeare-tree-gpu --steps 400 --out /tmp/rec/bf16.h5 --device cuda
+mkdir -p /tmp/rec; TAIL=4 step 60 record_gpu python -c 'from routescope.cli import main; main()' record -c shakespeare-tree-gpu --steps 400 --out /tmp/rec/bf16.h5 --device cuda
 step 50 tree_kernels_many python benchmarks/tree_kernels.py --shapes many --quick --no-fff --json "$OUT/tree_kernels_many.json"
 step 30 prune_forward python benchmarks/prune_forward.py
 step 40 probe_cost python benchmarks/probe_cost.py --config shakespeare-tree-gpu --device cuda

@@ -3,8 +3,9 @@
 Registered through `torch.library.custom_op` with fake (shape-only) implementations and an autograd formula,
 so `torch.compile` captures a model of `TreeFFN` layers as one graph (`fullgraph=True`), CUDA graphs
 (`mode="reduce-overhead"`) replay it, and the batch's routing statistics come back as outputs that the
-caller adds into the layer's accumulators, in the graph (the recorded counts equal eager's). Eager calls go
-through the same operators.
+caller adds into the layer's accumulators, in the graph (the recorded counts equal eager's). Eager calls take
+a plain `autograd.Function` over the same forward and backward instead: no operator dispatch on the host, and
+the kernels add the statistics straight into the accumulators.
 """
 
 from __future__ import annotations
@@ -171,6 +172,32 @@ def _backward(ctx: Any, dy: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ..
 tree_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerTreeFFN(torch.autograd.Function):
+    """`tree_fwd` / `tree_bwd` without the operator dispatch, for eager calls: the custom-op layer (alias checks,
+    dispatcher, fake-mode hooks) cost ~0.6 ms of host time per call on torch 2.11 (H200 profile, BENCHMARKS.md),
+    and the flat statistics buffers an extra allocation and add; here the kernels write the accumulators."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, u: Tensor, force: Tensor | None, depth: int,  # type: ignore[override]
+                activation: str, placement: str, keep_s: bool, stats: dict[str, Tensor] | None,
+                config: KernelConfig | None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        res = tree_forward(x, w, b, u, depth, activation, placement, stats, save_preact=keep_s, config=config,
+                           force=force)  # fmt: skip
+        ctx.save_for_backward(x, w, u, res.leaf, res.z, res.s if keep_s and placement == "output" else None)
+        ctx.grouping = res.grouping
+        ctx.meta = (depth, activation, placement, b is not None, config, None if b is None else b.dtype)
+        ctx.mark_non_differentiable(res.leaf, res.z)
+        return res.y, res.leaf, res.z
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, w, u, leaf, z, s = ctx.saved_tensors
+        depth, activation, placement, has_bias, config, b_dtype = ctx.meta
+        dx, dw, db, du = tree_backward(dy, x, w, u, leaf, z, s, ctx.grouping, depth, activation, placement,
+                                       has_bias, config=config)  # fmt: skip
+        return dx, dw.to(w.dtype), db.to(b_dtype) if has_bias else None, du.to(u.dtype), *(None,) * 7
+
+
 def tree_ffn(
     x: Tensor,
     w: Tensor,
@@ -190,6 +217,8 @@ def tree_ffn(
     """
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b, u))
     keep_s = needs_grad and placement == "output"
+    if not torch.compiler.is_compiling():
+        return _EagerTreeFFN.apply(x, w, b, u, force, depth, activation, placement, keep_s, stats, config)
     record = stats is not None
     y, leaf, z, _s, _perm, _counts, stat_counts, stat_sums = torch.ops.routescope.tree_fwd(
         x, w, b, u, force, depth, activation, placement, keep_s, record, config_to_list(config)

@@ -114,3 +114,28 @@ def test_moe_cut_keeps_the_choices_of_tokens_that_never_chose_the_expert(seed: i
         scale = 1 / (1 - probs[never, 3:4])
         torch.testing.assert_close(y1[never], y0[never] * scale, rtol=1e-5, atol=1e-6)
     assert cut.router.weight.shape == (3, 8) and cut.w1.shape[0] == 3
+
+
+def test_inference_reuses_the_expanded_heap_until_a_weight_changes(seed: int) -> None:
+    layer = TreeFFN(6, 4, depth=2, trees=2)
+    pruned = cut_tree(layer, *tree_cut(states_with_dead(2, 2, {1: [4]})))
+    x = torch.randn(40, 6)
+    with torch.no_grad():
+        first, again = pruned.heap_weights(), pruned.heap_weights()
+        assert all(a is b for a, b in zip(first, again))  # no new expansion per call
+        y0 = pruned(x)
+        pruned.u_live.mul_(2.0)  # an in-place update (as an optimizer step makes) bumps the version
+        changed = pruned.heap_weights()
+        assert changed[2] is not first[2] and torch.equal(changed[2], 2 * first[2])
+        assert torch.allclose(pruned(x), 2 * y0)
+    # under autograd the expansion is rebuilt each call and carries the gradient to the stored rows
+    w, _, _ = pruned.heap_weights()
+    assert w.requires_grad and w is not changed[0]
+    pruned(x).sum().backward()
+    assert pruned.u_live.grad is not None and pruned.u_live.grad.abs().sum() > 0
+    # a state_dict load (in-place copy) is seen too
+    other = cut_tree(TreeFFN(6, 4, depth=2, trees=2), *tree_cut(states_with_dead(2, 2, {1: [4]})))
+    with torch.no_grad():
+        before = pruned(x)
+        pruned.load_state_dict(other.state_dict())
+        assert torch.equal(pruned(x), other(x)) and not torch.equal(pruned(x), before)

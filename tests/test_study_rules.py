@@ -16,12 +16,12 @@ from routescope.analysis.study_rules import (
     RunValues,
     permutation_p,
     regime_effects,
+    replication,
     rule_auto_pruning,
     rule_balance,
     rule_mechanism,
     rule_quality,
     sign_flip_p,
-    replication,
     welch,
 )  # fmt: skip
 

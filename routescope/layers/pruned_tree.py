@@ -36,6 +36,7 @@ class PrunedTreeFFN(TreeFFN):
         self.w_live = nn.Parameter(torch.zeros(count, spec.d_in))
         self.b_live = nn.Parameter(torch.zeros(count)) if spec.bias else None
         self.u_live = nn.Parameter(torch.zeros(count, spec.d_out))
+        self._heap_cache: tuple[tuple, tuple[Tensor, Tensor | None, Tensor]] | None = None
         self.init_recording()
 
     @classmethod
@@ -64,7 +65,19 @@ class PrunedTreeFFN(TreeFFN):
         return self.unit_row < self.live_units
 
     def heap_weights(self) -> tuple[Tensor, Tensor | None, Tensor]:
-        """The live rows expanded into the full heap (removed units read as zero rows), differentiable."""
+        """The live rows expanded into the full heap (removed units read as zero rows), differentiable. Without
+        autograd (inference, evaluation) the expansion is kept until a weight changes (its version counter),
+        so a pruned layer's forward costs the kernels alone."""
+        params = [p for p in (self.w_live, self.b_live, self.u_live) if p is not None]
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling():
+            return self._expand()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._heap_cache is None or self._heap_cache[0] != key:
+            with torch.no_grad():
+                self._heap_cache = (key, self._expand())
+        return self._heap_cache[1]
+
+    def _expand(self) -> tuple[Tensor, Tensor | None, Tensor]:
         trees, units = self.unit_row.shape
         index = self.unit_row.reshape(-1)
 

@@ -132,6 +132,8 @@ class TreeFFN(nn.Module):
         self.record_eval = False  # also accumulate in eval mode (off: validation passes stay out)
         self.trace_next = False  # keep the next forward's per-token routing in `last_trace`
         self.last_trace: TreeRouting | None = None
+        self.keep_leaf = False  # keep each forward's leaf per token in `last_leaf` (the routing-stability probe)
+        self.last_leaf: Tensor | None = None
 
     def reset_parameters(self) -> None:
         """Uniform fan-in init as nn.Linear: input weights by d_in, output weights by active units."""
@@ -208,12 +210,16 @@ class TreeFFN(nn.Module):
             w, b, u = self.heap_weights()
             y, leaf, z = tree_ops.tree_ffn(flat, w, b, u, s.depth, s.activation, s.placement, stats,
                                            force=self.route_force())  # fmt: skip
+            if self.keep_leaf:
+                self.last_leaf = leaf
             if record and self.trace_next:
                 act = ACTIVATIONS[s.activation]
                 fired = (act(z) if s.placement == "node" else z) != 0
                 self.last_trace = TreeRouting(tree_triton.leaf_to_path(leaf, s.depth), z, fired.long())
             return y.reshape(*leading, s.d_out)
         y, routing = self.route_and_compute(flat)
+        if self.keep_leaf:
+            self.last_leaf = routing.path[:, :, -1] - (2**s.depth - 1)
         if record:
             accumulate_tree_stats(self.routing_stats(), routing, s.depth)
             if self.trace_next:

@@ -2,9 +2,9 @@
 end, in eval mode and without gradients, with the layers' counting off, so that the file records where each
 probe token goes over training (group `probe`; `analysis.stability` reads it).
 
-Tree layers give each token's leaf per tree, MoE layers its chosen experts (ascending). The routing of a layer is
-recomputed from its captured input by the reference rule (`route_paths`: decisions only; MoE `route`): the
-same rule as the kernels', so only an exact tie of z could differ.
+Tree layers give each token's leaf per tree, kept by the layer's own forward (`TreeFFN.keep_leaf`: no second
+routing pass, which cost ~600 small launches a probe on the GPU preset); MoE layers their chosen experts
+(ascending), recomputed from the captured input by the layer's `route`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-from routescope.kernels.tree_reference import route_paths
 
 PROBED = ("tree", "moe")
 
@@ -33,29 +31,27 @@ def probe_routing(model: nn.Module, probe: Any, layers: list[tuple[str, nn.Modul
     def keep(name: str) -> Any:
         return lambda module, args: captured.__setitem__(name, args[0].detach().reshape(-1, args[0].shape[-1]))
 
-    hooks = [layer.register_forward_pre_hook(keep(name)) for name, layer in probed]
+    hooks = [layer.register_forward_pre_hook(keep(name)) for name, layer in probed if layer.family != "tree"]
     switches = [(layer, layer.recording, layer.trace_next) for _, layer in layers]
     was_training = model.training
     for layer, _, _ in switches:
         layer.recording = layer.trace_next = False
+    trees = [layer for _, layer in probed if layer.family == "tree"]
+    for layer in trees:  # a tree layer's forward keeps its own leaves: no second routing pass
+        layer.keep_leaf = True
     model.eval()
     try:
         _call(model, probe)
+        leaves = [layer.last_leaf for layer in trees]
     finally:
         for hook in hooks:
             hook.remove()
         for layer, recording, trace_next in switches:
             layer.recording, layer.trace_next = recording, trace_next
+        for layer in trees:
+            layer.keep_leaf, layer.last_leaf = False, None
         model.train(was_training)
-    leaves, experts = [], []
-    for name, layer in probed:
-        x = captured[name]
-        if layer.family == "tree":
-            w, b, _ = layer.heap_weights() if layer.spec.variant == "neuron" else (layer.w, layer.b, None)
-            path = route_paths(x.to(w.dtype), w, b, layer.spec.depth, layer.route_force())  # decisions only
-            leaves.append(path[:, :, -1] - (2**layer.spec.depth - 1))
-        else:
-            experts.append(layer.route(x)[1].sort(-1).values)
+    experts = [layer.route(captured[name])[1].sort(-1).values for name, layer in probed if layer.family != "tree"]
     out = {}
     for key, rows in (("leaf", leaves), ("experts", experts)):
         if rows:
