@@ -73,6 +73,7 @@ def prune(
     alpha: AlphaOption = None,
     epsilon: EpsilonOption = None,
     persistence: PersistenceOption = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda: where the quality check runs (auto: cuda when present).")] = "auto",
 ) -> None:
     """Remove the units a run shows calibrated-dead, check the pruned model on the validation split, save it."""
     import torch
@@ -83,7 +84,7 @@ def prune(
     from routescope.store import RunFileError, describe
     from routescope.trainers.data import Corpus, CorpusError
     from routescope.trainers.model import GPT
-    from routescope.trainers.train import config_from_dict
+    from routescope.trainers.train import config_from_dict, resolve_device
     from routescope.trainers.user_data import load_corpus
 
     try:
@@ -106,6 +107,10 @@ def prune(
         fail(f"{out} already exists; pass --overwrite to replace it, or --out to write elsewhere")
     if not out.parent.is_dir():
         fail(f"cannot write {out}: folder {out.parent} does not exist")
+    try:
+        dev = resolve_device(device)
+    except (ValueError, RuntimeError) as err:
+        fail(str(err))
     cfg = config_from_dict(preset)
     model = GPT(cfg.model)
     try:
@@ -115,12 +120,13 @@ def prune(
         fail(f"{checkpoint} does not fit the model {run} recorded ({str(err).splitlines()[0][:160]}); is it this run's "
              "checkpoint?")  # fmt: skip
     _check_checkpoint(state, run)
+    model.to(dev)
     try:
         corpus = Corpus.shakespeare() if cfg.data is None else load_corpus(cfg.data, cfg.model.seq_len, cfg.model.vocab_size)
     except CorpusError as err:
         fail(str(err))
     generator = torch.Generator().manual_seed(1234)
-    batches = [corpus.batch("val", cfg.batch_size, cfg.model.seq_len, generator) for _ in range(cfg.eval_batches)]
+    batches = [corpus.batch("val", cfg.batch_size, cfg.model.seq_len, generator, dev) for _ in range(cfg.eval_batches)]
     try:
         pruned, report = prune_model(model, run, bounds, th, batches=batches)
     except (PruneError, MetricsError) as err:

@@ -131,7 +131,7 @@ def test_nothing_to_prune_exits_zero_and_writes_nothing(debug_run: Path) -> None
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case", ["other_checkpoint", "no_checkpoint", "dense", "unwritable", "foreign"])
+@pytest.mark.parametrize("case", ["other_checkpoint", "no_checkpoint", "dense", "unwritable", "foreign", "no_cuda"])
 def test_prune_bad_input_is_one_line(debug_run: Path, tmp_path: Path, case: str) -> None:
     run, out, extra = debug_run, tmp_path / "out.pt", []
     if case == "other_checkpoint":
@@ -154,6 +154,10 @@ def test_prune_bad_input_is_one_line(debug_run: Path, tmp_path: Path, case: str)
         words = "cannot write"
         if os.access(tmp_path, os.W_OK):  # root ignores the mode
             out, words = tmp_path / "no" / "such" / "out.pt", "does not exist"
+    elif case == "no_cuda":
+        if __import__("torch").cuda.is_available():
+            pytest.skip("this machine has a CUDA device")
+        extra, words = ["--device", "cuda"], "no CUDA device"
     else:
         run = tmp_path / "foreign.h5"
         import h5py
