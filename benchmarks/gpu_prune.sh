@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# Issue 21 on the GPU preset, after notebooks/study/launch_gpu.sh's `record` runs have finished: prune the bf16
-# run with its checkpoint (JSON report), and the two runs' summaries (bf16 defaults vs fp32: val loss, speed).
-#   bash benchmarks/gpu_prune.sh                 (same machine as launch_gpu.sh)
+# Issue 21 on the GPU preset: prune a bf16 `record` run of shakespeare-tree-gpu with its checkpoint (the quality
+# check on CUDA), JSON report under $OUT. Uses notebooks/study/launch_gpu.sh's run when the machine has it
+# (and its fp32 twin's summary beside it), else records one first (~2-3 min on an H200).
+#   bash benchmarks/gpu_prune.sh                 (device tool: carry .whl)
+pip install --no-index --no-deps --target /tmp/site .whl/*.whl -q 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD
 RUNS=${RUNS:-/tmp/study-runs}
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$RUNS/preset" "$RUNS/logs"
 rs() { python -c 'from routescope.cli import main; main()' "$@"; }
+if [ ! -f "$RUNS/preset/preset-bf16.ckpt.pt" ]; then
+  timeout "${RECORD_S:-360}" python -c 'from routescope.cli import main; main()' record -c shakespeare-tree-gpu \
+    --device cuda --out "$RUNS/preset/preset-bf16.h5" --overwrite > "$RUNS/logs/bf16.log" 2>&1
+fi
 for precision in bf16 fp32; do
-  rs info "$RUNS/preset/preset-$precision.h5" --json > "$OUT/preset-$precision.info.json" 2>&1; tail -c 300 "$OUT/preset-$precision.info.json"; echo
-  grep -v "━" "$RUNS/logs/$precision.log" | tail -6
+  [ -f "$RUNS/preset/preset-$precision.h5" ] || continue
+  rs info "$RUNS/preset/preset-$precision.h5" --json > "$OUT/preset-$precision.info.json" 2>&1
+  grep -v "━" "$RUNS/logs/$precision.log" | tail -4
 done
-timeout 240 python -c 'from routescope.cli import main; main()' prune "$RUNS/preset/preset-bf16.h5" \
-  --out "$RUNS/preset/preset-bf16.pruned.pt" --json > "$OUT/prune_gpu.json" 2> "$OUT/prune_gpu.err"
-echo "prune rc $?"; head -c 3000 "$OUT/prune_gpu.json"; tail -3 "$OUT/prune_gpu.err"
+timeout "${PRUNE_S:-240}" python -c 'from routescope.cli import main; main()' prune "$RUNS/preset/preset-bf16.h5" \
+  --out "$RUNS/preset/preset-bf16.pruned.pt" --overwrite --device cuda --json > "$OUT/prune_gpu.json" 2> "$OUT/prune_gpu.err"
+echo "prune rc $?"; head -c 4000 "$OUT/prune_gpu.json"; tail -3 "$OUT/prune_gpu.err"
