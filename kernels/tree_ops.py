@@ -209,15 +209,18 @@ def tree_ffn(
     stats: dict[str, Tensor] | None = None,
     config: KernelConfig | None = None,
     force: Tensor | None = None,
+    via_op: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable tree FFN on the Triton kernels: (y, leaf (n, T) int32, z (n, T, d+1) fp32).
 
     `stats` (the layer's accumulators by file variable name, as `new_tree_stats` makes them) receive the batch's
     counts and sums in place. `force` (T, 2^d − 1) int8 holds nodes to one side (a pruned tree; −1 free).
+    `via_op`: True goes through the registered operators, False through `_EagerTreeFFN`; None (the default)
+    takes the operators only while torch.compile traces (tests and benchmarks compare the two).
     """
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b, u))
     keep_s = needs_grad and placement == "output"
-    if not torch.compiler.is_compiling():
+    if not (torch.compiler.is_compiling() if via_op is None else via_op):
         return _EagerTreeFFN.apply(x, w, b, u, force, depth, activation, placement, keep_s, stats, config)
     record = stats is not None
     y, leaf, z, _s, _perm, _counts, stat_counts, stat_sums = torch.ops.routescope.tree_fwd(

@@ -59,6 +59,28 @@ def test_opcheck_forward(seed: int, placement: str, forced: bool, record: bool) 
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))  # fmt: skip
 
 
+@pytest.mark.parametrize("placement,forced", [("node", False), ("output", False), ("node", True)])
+def test_eager_function_and_registered_operator_agree(seed: int, placement: str, forced: bool) -> None:
+    """Eager calls skip the operator dispatch (`_EagerTreeFFN`); both paths must give the same outputs, gradients
+    and recorded statistics, bit for bit on the CPU."""
+    from routescope.kernels.tree_reference import new_tree_stats
+
+    trees, depth, d_in, d_out = 3, 3, 12, 9
+    units = 2 ** (depth + 1) - 1
+    base = [torch.randn(40, d_in), torch.randn(trees, units, d_in) / d_in**0.5, 0.3 * torch.randn(trees, units),
+            torch.randn(trees, units, d_out)]  # fmt: skip
+    force = torch.randint(-1, 2, (trees, 2**depth - 1), dtype=torch.int8, device=DEVICE) if forced else None
+    results = []
+    for via_op in (False, True):
+        x, w, b, u = (t.to(DEVICE).requires_grad_() for t in base)
+        stats = {k: v.to(DEVICE) for k, v in new_tree_stats(trees, depth).items()}
+        y, leaf, z = tree_ops.tree_ffn(x, w, b, u, depth, "gelu", placement, stats, SMALL, force, via_op=via_op)
+        y.square().sum().backward()
+        results.append([y, leaf, z, x.grad, w.grad, b.grad, u.grad, *[stats[k] for k in sorted(stats)]])
+    assert all(torch.equal(a, c) for a, c in zip(*results)), f"seed {seed}"
+    assert results[0][-1].sum() > 0 or results[0][-2].sum() > 0  # the statistics were written
+
+
 def _model(trees: int, placement: str) -> torch.nn.Sequential:
     return torch.nn.Sequential(
         TreeFFN(10, 16, depth=4, trees=trees, backend="triton", placement=placement),
