@@ -54,3 +54,13 @@ def test_notebook_executes_and_leaves_figures(path: Path, runs_dir: Path, tmp_pa
                 assert layout[axis]["title"].get("text"), f"unlabelled {axis} in {path.name}"
     tables = [o["data"].get("text/html", "") + o["data"].get("text/plain", "") for o in outputs if "data" in o]
     assert not [t for t in tables if "<lambda" in t or "&lt;lambda" in t], f"{path.name} shows a column named after a lambda"
+    if path.stem == "05_study":  # the committed GPU study summaries are what it shows, every size and figure kind
+        text = "".join(o.get("text", "") for o in outputs)
+        assert all(f"{size}: {n} runs" in text for size, n in (("small-gpu", 30), ("gpu", 12), ("cpu", 30), ("regime", 24)))
+        titles = " | ".join(fig["data"][PLOTLY]["layout"].get("title", {}).get("text", "") for fig in figures)
+        for kind in ("static fraction", "right-starved share", "μ_n/σ_n", "leaf entropy", "validation loss minus dense",
+                     "regime grid"):
+            assert kind in titles, f"05_study drew no {kind!r} figure"
+        assert "min–max over seeds" in titles  # the seed bands
+        rules = "".join(o["data"].get("text/plain", "") for o in outputs if "data" in o)
+        assert "replicated" in rules and "supported" in rules
