@@ -99,26 +99,6 @@ def neuron_forward(
     return y, TreeRouting(torch.stack(indices, dim=-1), z_path, fired.long())
 
 
-@torch.no_grad()
-def route_paths(x: Tensor, w: Tensor, b: Tensor | None, depth: int, force: Tensor | None = None) -> Tensor:
-    """The decisions alone (no outputs): (n, T, d+1) heap indices of each token's path, as `neuron_forward` routes
-    (right where z > 0, or where `force` holds a node). w (T, ≥2^d − 1, d_in): only the decision nodes' rows are read."""
-    n, trees = x.shape[0], w.shape[0]
-    index = torch.zeros((n, trees), dtype=torch.long, device=x.device)
-    indices = [index]
-    for _ in range(depth):
-        z = (x.unsqueeze(1) * _gather_rows(w, index)).sum(-1)
-        if b is not None:
-            z = z + _gather_rows(b, index)
-        right = z > 0
-        if force is not None:
-            held = _gather_rows(force, index)
-            right = torch.where(held >= 0, held == 1, right)
-        index = 2 * index + 1 + right.long()
-        indices.append(index)
-    return torch.stack(indices, dim=-1)
-
-
 def leaf_mlp_forward(
     x: Tensor,
     w: Tensor,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import signal
 import socket
 import warnings
@@ -173,7 +172,15 @@ def sweep(
     list_sweeps: Annotated[bool, typer.Option("--list", help="List the sweeps and sizes, then exit.")] = False,
 ) -> None:
     """Train an ablation (activation, placement, bias, depth, trees, dense) over seeds; finished runs are reused."""
-    from routescope.trainers.sweep import SIZES, SWEEPS, reusable, run_sweep, shard_of, sweep_configs
+    from routescope.trainers.sweep import (
+        SIZES,
+        SWEEPS,
+        parse_shard,
+        reusable,
+        run_sweep,
+        shard_of,
+        sweep_configs,
+    )
 
     if list_sweeps or name is None:
         table = Table("sweep", "variants", "question", box=None)
@@ -190,9 +197,10 @@ def sweep(
         fail(f"unknown --size {size!r}; choose one of: {', '.join(SIZES)}")
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a folder for the run files")
-    if not re.fullmatch(r"\d+/\d+", shard) or not int(shard.split("/")[0]) < int(shard.split("/")[1]):
-        fail(f"--shard {shard!r}: give I/N with 0 <= I < N, e.g. --shard 0/4")
-    part = (int(shard.split("/")[0]), int(shard.split("/")[1]))
+    try:
+        part = parse_shard(shard)
+    except ValueError as err:
+        fail(str(err))
     runs = shard_of(sweep_configs(name, size, seeds, steps), part)
     console.print(f"[bold]routescope sweep[/] {name} ({size}): {len(runs)} runs → {out}/")
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

@@ -105,22 +105,3 @@ def test_the_dashboard_draws_routing_stability(tmp_path: Path) -> None:
     record(tmp_path / "plain.h5", model(), None)
     _, lines = create_app([tmp_path / "plain.h5"]).board.curves(0, "routing_stability", [0])
     assert "has no probe group" in lines.layout.annotations[0].text
-
-
-@pytest.mark.parametrize("variant", ["neuron", "leaf_mlp"])
-def test_route_paths_are_the_forward_s_paths(seed: int, variant: str) -> None:
-    """The probe's decisions-only routing equals the layer's full reference forward, forced nodes included."""
-    from routescope.kernels.tree_reference import route_paths
-
-    layer = TreeFFN(6, 5, depth=4, trees=3, variant=variant, leaf_width=2 if variant == "leaf_mlp" else None)
-    with torch.no_grad():
-        layer.b.normal_(0, 0.5)
-    x = torch.randn(100, 6)
-    path = layer.route_and_compute(x)[1].path
-    assert torch.equal(route_paths(x, layer.w, layer.b, 4), path), f"seed {seed}"
-    if variant == "neuron":
-        force = torch.randint(-1, 2, (3, 15), dtype=torch.int8)
-        from routescope.kernels.tree_reference import neuron_forward
-
-        _, routing = neuron_forward(x, layer.w, layer.b, layer.u, 4, force=force)
-        assert torch.equal(route_paths(x, layer.w, layer.b, 4, force), routing.path), f"seed {seed}"

@@ -152,6 +152,14 @@ def run_sweep(
     return paths
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N), with 0 <= I < N; anything else is a ValueError naming the form."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ValueError(f"--shard {text!r}: give I/N with 0 <= I < N, e.g. --shard 0/4")
+    return int(index), int(count)
+
+
 def shard_of(runs: dict[str, TrainConfig], shard: tuple[int, int]) -> dict[str, TrainConfig]:
     """The runs of shard (i, n): every n-th from the i-th, in the sweep's order."""
     index, count = shard

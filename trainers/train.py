@@ -28,9 +28,9 @@ from rich.progress import (
 from routescope.layers import TopKMoE, aux_loss
 from routescope.record.recorder import Recorder
 from routescope.trainers.data import Corpus
-from routescope.trainers.user_data import load_corpus
 from routescope.trainers.model import GPT, GPTConfig
 from routescope.trainers.presets import TrainConfig
+from routescope.trainers.user_data import load_corpus
 
 LOG_EVERY = 10  # steps between progress-bar loss updates (each one is a host sync)
 CHECKPOINT_MINUTES = 10.0  # wall time between training checkpoints (and one at the end)

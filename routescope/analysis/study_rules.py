@@ -117,14 +117,26 @@ def _by_arm(runs: list[RunValues], field: str) -> dict[str, np.ndarray]:
     return {arm: np.asarray(v, dtype=np.float64) for arm, v in arms.items()}
 
 
+def _mechanism_fails(rss: dict[str, np.ndarray], slope: dict[str, np.ndarray]) -> tuple[dict[str, int], ...]:
+    """R1's per-seed conditions, failing seeds per arm present: (a) RSS ≥ 0.6 (NaN fails) and (b) drift slope < 0
+    for the asymmetric arms; (c) RSS in [0.4, 0.6] or no frozen nodes (NaN) for the controls."""
+    fails_a = {arm: int(np.sum(~(rss[arm] >= 0.6))) for arm in ASYMMETRIC if arm in rss}
+    fails_b = {arm: int(np.sum(~(slope[arm] < 0))) for arm in ASYMMETRIC if arm in slope}
+    fails_c = {arm: int(np.sum(~(np.isnan(rss[arm]) | ((rss[arm] >= 0.4) & (rss[arm] <= 0.6))))) for arm in CONTROLS
+               if arm in rss}  # fmt: skip
+    return fails_a, fails_b, fails_c
+
+
+def _one_sided(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """mean(a) − mean(b): its Welch interval and p, and the exact one-sided permutation p of a > b."""
+    return {**welch(a, b), "permutation_p": permutation_p(a, b)}
+
+
 def rule_mechanism(runs: list[RunValues]) -> Outcome:
     """R1: RSS ≥ 0.6 and drift slope < 0 in every seed of gelu-node and relu-node; RSS in [0.4, 0.6] or no frozen
     nodes in every seed of each control. Not supported when (a) or (c) fails in two or more seeds of an arm."""
     rss, slope = _by_arm(runs, "rss"), _by_arm(runs, "drift_slope")
-    fails_a = {arm: int(np.sum(~(rss[arm] >= 0.6))) for arm in ASYMMETRIC if arm in rss}  # NaN fails
-    fails_b = {arm: int(np.sum(~(slope[arm] < 0))) for arm in ASYMMETRIC if arm in slope}
-    fails_c = {arm: int(np.sum(~(np.isnan(rss[arm]) | ((rss[arm] >= 0.4) & (rss[arm] <= 0.6))))) for arm in CONTROLS
-               if arm in rss}  # fmt: skip
+    fails_a, fails_b, fails_c = _mechanism_fails(rss, slope)
     missing = [arm for arm in (*ASYMMETRIC, *CONTROLS) if arm not in rss]
     if missing:
         return Outcome("R1", INCONCLUSIVE, {"missing_arms": missing})
@@ -147,7 +159,7 @@ def rule_auto_pruning(runs: list[RunValues]) -> Outcome:
     if "gelu-node" not in sf or any(c not in sf for c in CONTROLS):
         return Outcome("R2", INCONCLUSIVE, {"missing_arms": [a for a in ("gelu-node", *CONTROLS) if a not in sf]})
     gelu = sf["gelu-node"]
-    tests = {c: {**welch(gelu, sf[c]), "permutation_p": permutation_p(gelu, sf[c])} for c in CONTROLS}
+    tests = {c: _one_sided(gelu, sf[c]) for c in CONTROLS}
     rising = {"mean": float(dsf["gelu-node"].mean()), "sign_flip_p": sign_flip_p(dsf["gelu-node"])}
     ps = [t["permutation_p"] for t in tests.values()] + [rising["sign_flip_p"]]
     if all(p < 0.05 for p in ps):
@@ -164,7 +176,7 @@ def rule_balance(runs: list[RunValues]) -> Outcome:
     ent = _by_arm(runs, "len_")
     if "gelu-output" not in ent or "gelu-node" not in ent:
         return Outcome("R3", INCONCLUSIVE, {"missing_arms": [a for a in ("gelu-output", "gelu-node") if a not in ent]})
-    test = {**welch(ent["gelu-output"], ent["gelu-node"]), "permutation_p": permutation_p(ent["gelu-output"], ent["gelu-node"])}
+    test = _one_sided(ent["gelu-output"], ent["gelu-node"])
     verdict = SUPPORTED if test["permutation_p"] < 0.05 else NOT_SUPPORTED if test["diff"] <= 0 else INCONCLUSIVE
     return Outcome("R3", verdict, test)
 
@@ -200,24 +212,22 @@ def replication(runs: list[RunValues]) -> list[Outcome]:
     asym = [a for a in ASYMMETRIC if a in rss]
     controls = [c for c in CONTROLS if c in rss]
     if asym and controls:
-        fails = {**{a: int(np.sum(~(rss[a] >= 0.6))) for a in asym},
-                 **{c: int(np.sum(~(np.isnan(rss[c]) | ((rss[c] >= 0.4) & (rss[c] <= 0.6))))) for c in controls}}
-        drift = {a: int(np.sum(~(slope[a] < 0))) for a in asym}
+        fails_a, drift, fails_c = _mechanism_fails(rss, slope)
+        fails = {**fails_a, **fails_c}
         held = not any(fails.values()) and not any(drift.values())
         out.append(Outcome("R1", "replicated" if held else "not replicated", {
             "arms": asym + controls, "seeds_failing_rss": fails, "seeds_failing_drift": drift,
             "rss": {a: rss[a].tolist() for a in asym + controls}}))  # fmt: skip
     if "gelu-node" in sf and controls:
-        against = {c: {**welch(sf["gelu-node"], sf[c]), "permutation_p": permutation_p(sf["gelu-node"], sf[c]),
-                       "every_seed": separated(sf["gelu-node"], sf[c])} for c in controls}  # fmt: skip
+        against = {c: {**_one_sided(sf["gelu-node"], sf[c]), "every_seed": separated(sf["gelu-node"], sf[c])}
+                   for c in controls}  # fmt: skip
         rising = {"mean": float(dsf["gelu-node"].mean()), "every_seed": bool(np.all(dsf["gelu-node"] > 0)),
                   "sign_flip_p": sign_flip_p(dsf["gelu-node"])}  # fmt: skip
         held = all(t["every_seed"] for t in against.values()) and rising["every_seed"]
         out.append(Outcome("R2", "replicated" if held else "not replicated", {"against": against, "rising": rising}))
     if "gelu-output" in ent and "gelu-node" in ent:
-        test = {**welch(ent["gelu-output"], ent["gelu-node"]),
-                "permutation_p": permutation_p(ent["gelu-output"], ent["gelu-node"]),
-                "every_seed": separated(ent["gelu-output"], ent["gelu-node"])}  # fmt: skip
+        test = {**_one_sided(ent["gelu-output"], ent["gelu-node"]),
+                "every_seed": separated(ent["gelu-output"], ent["gelu-node"])}
         out.append(Outcome("R3", "replicated" if test["every_seed"] else "not replicated", test))
     return out + [rule_quality(runs)]
 
@@ -237,7 +247,7 @@ def regime_effects(cells: list[dict[str, Any]]) -> dict[str, Any]:
         part = [c for c in cells if c["activation"] == activation]
         effects = {}
         for factor in ("lr", "tokens"):
-            low, high = sorted({c[factor] for c in part})[0], sorted({c[factor] for c in part})[-1]
+            low, high = min(c[factor] for c in part), max(c[factor] for c in part)
             effects[factor] = {"from": low, "to": high, **welch([c["sf"] for c in part if c[factor] == high],
                                                                 [c["sf"] for c in part if c[factor] == low])}  # fmt: skip
         out[activation] = effects
