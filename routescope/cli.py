@@ -172,15 +172,7 @@ def sweep(
     list_sweeps: Annotated[bool, typer.Option("--list", help="List the sweeps and sizes, then exit.")] = False,
 ) -> None:
     """Train an ablation (activation, placement, bias, depth, trees, dense) over seeds; finished runs are reused."""
-    from routescope.trainers.sweep import (
-        SIZES,
-        SWEEPS,
-        parse_shard,
-        reusable,
-        run_sweep,
-        shard_of,
-        sweep_configs,
-    )
+    from routescope.trainers.sweep import SIZES, SWEEPS, parse_shard, reusable, run_sweep, sweep_configs
 
     if list_sweeps or name is None:
         table = Table("sweep", "variants", "question", box=None)
@@ -201,7 +193,7 @@ def sweep(
         part = parse_shard(shard)
     except ValueError as err:
         fail(str(err))
-    runs = shard_of(sweep_configs(name, size, seeds, steps), part)
+    runs = sweep_configs(name, size, seeds, steps, shard=part)
     console.print(f"[bold]routescope sweep[/] {name} ({size}): {len(runs)} runs → {out}/")
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:

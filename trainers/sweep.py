@@ -80,8 +80,10 @@ SIZES: dict[str, Callable[[], TrainConfig]] = {
 }  # fmt: skip
 
 
-def sweep_configs(sweep: str, size: str = "tiny", seeds: int = 2, steps: int | None = None) -> dict[str, TrainConfig]:
-    """{run name: TrainConfig} of a sweep: every variant × seeds 0 .. seeds-1 at one size."""
+def sweep_configs(sweep: str, size: str = "tiny", seeds: int = 2, steps: int | None = None,
+                  shard: tuple[int, int] = (0, 1)) -> dict[str, TrainConfig]:  # fmt: skip
+    """{run name: TrainConfig} of a sweep: every variant × seeds 0 .. seeds-1 at one size (`shard_of` the
+    shard)."""
     if sweep not in SWEEPS:
         raise KeyError(f"unknown sweep {sweep!r}; sweeps: {', '.join(SWEEPS)}")
     if size not in SIZES:
@@ -97,7 +99,7 @@ def sweep_configs(sweep: str, size: str = "tiny", seeds: int = 2, steps: int | N
             cfg = replace(base, **variant.train, model=model, seed=seed, steps=steps or base.steps,
                           description=f"sweep {sweep}, size {size}: {variant.name}, seed {seed}")  # fmt: skip
             out[f"{sweep}-{variant.name}-s{seed}"] = cfg
-    return out
+    return shard_of(out, shard)
 
 
 STILL_WRITING_S = 120.0  # a "running" file modified this recently belongs to a live process
@@ -142,7 +144,7 @@ def run_sweep(
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, cfg in shard_of(sweep_configs(sweep, size, seeds, steps), shard).items():
+    for name, cfg in sweep_configs(sweep, size, seeds, steps, shard).items():
         path = folder / f"{name}.h5"
         if not reusable(path, cfg):
             if show_progress:
