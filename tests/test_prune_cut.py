@@ -42,6 +42,7 @@ def test_pruned_tree_reroutes_exactly_the_tokens_that_reached_the_dead_subtree(s
     layer = TreeFFN(12, 7, depth=3, trees=trees, backend=backend)
     with torch.no_grad():
         layer.b.normal_(0, 0.5)
+        layer.b[0, [0, 2]] = 0.0  # unbiased root and node 2 in tree 0: about a quarter of the tokens reach node 6
     keep, held = tree_cut(states_with_dead(trees, 3, {0: [6]}))
     pruned = cut_tree(layer, keep, held)
     assert isinstance(pruned, PrunedTreeFFN) and pruned.live_units == trees * 15 - 3
